@@ -1,0 +1,73 @@
+//! The `tollgate` binary: parses the command line, loads the configuration,
+//! starts logging and calls the library. The only place that exits the process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tollgate::config::Config;
+
+/// A usage-metering gateway for the Anthropic Messages API.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+struct Cli {
+    /// Configuration file (default: config/tollgate.toml if it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Print the effective configuration with secrets masked, or every error.
+    CheckConfig,
+    /// Run a fake Anthropic API for tests, demos and benchmarks.
+    MockUpstream(tollgate::mock_upstream::MockArgs),
+}
+
+/// Exit code for invalid configuration (EX_CONFIG is 78; the contract says 64, EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::MockUpstream(args) = command {
+        tollgate::telemetry::init(&Default::default());
+        return report(runtime().and_then(|rt| rt.block_on(tollgate::mock_upstream::run_cli(args))));
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match command {
+        Command::CheckConfig => {
+            print!("{}", config.to_masked_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            tollgate::telemetry::init(&config.raw.log);
+            report(runtime().and_then(|rt| rt.block_on(tollgate::app::serve(config))))
+        }
+        Command::MockUpstream(_) => unreachable!("handled before loading the config"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

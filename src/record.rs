@@ -1,0 +1,149 @@
+//! The usage record: one per client request that reached the upstream, finalised
+//! exactly once, and the sinks that receive it.
+//!
+//! Field names are the `usage_events` column names of `DESIGN.md`, which finance
+//! dashboards depend on.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::meter::Usage;
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The upstream answered and the response was relayed to its end.
+    Completed,
+    /// The upstream answered with an error status, broke the connection, or
+    /// timed out.
+    UpstreamError,
+    /// The stream carried an in-stream `error` event.
+    StreamError,
+    /// The client went away before the response ended.
+    ClientDisconnected,
+    /// tollgate itself stopped the request (shutdown grace expired).
+    Interrupted,
+}
+
+impl Outcome {
+    /// The stored and labelled name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::StreamError => "stream_error",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Some(match s {
+            "completed" => Outcome::Completed,
+            "upstream_error" => Outcome::UpstreamError,
+            "stream_error" => Outcome::StreamError,
+            "client_disconnected" => Outcome::ClientDisconnected,
+            "interrupted" => Outcome::Interrupted,
+            _ => return None,
+        })
+    }
+}
+
+/// Everything known about one request once it has ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// tollgate's request id (also the `tollgate-request-id` header).
+    pub request_id: String,
+    /// The upstream's `request-id` response header.
+    pub upstream_request_id: Option<String>,
+    /// The message id (`msg_…`) from the response.
+    pub message_id: Option<String>,
+    /// The key the request was made with: a key id or a passthrough fingerprint.
+    pub key_id: String,
+    /// The key's team, if known.
+    pub team: Option<String>,
+    /// The model the response names, else the model the request asked for.
+    pub model: Option<String>,
+    /// The request path without its query, e.g. `/v1/messages`.
+    pub endpoint: String,
+    /// Whether the response was an SSE stream.
+    pub stream: bool,
+    /// The HTTP status relayed to the client.
+    pub status: u16,
+    pub outcome: Outcome,
+    /// The Anthropic error type, from an error body or an in-stream `error`.
+    pub error_type: Option<String>,
+    pub stop_reason: Option<String>,
+    /// Token counters, overwritten (never summed) as the rule in `DESIGN.md` says.
+    pub usage: Usage,
+    /// True when the counters are the upstream's final figures.
+    pub usage_exact: bool,
+    /// Cost in nano-dollars, when the model has a price.
+    pub cost_nanousd: Option<i64>,
+    /// Hash of the price table the cost was computed with.
+    pub price_version: Option<String>,
+    /// The request's `metadata.user_id`.
+    pub end_user: Option<String>,
+    /// Free-form labels (from the `tollgate-tags` request header).
+    pub tags: Option<String>,
+    /// Upstream attempts made for this request (1 without retries).
+    pub attempts: u32,
+    /// Milliseconds spent waiting for admission before forwarding.
+    pub queued_ms: u64,
+    /// Milliseconds from request arrival to the first response byte sent.
+    pub ttfb_ms: Option<u64>,
+    pub duration_ms: u64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// Malformed SSE events seen by the meter (never fatal).
+    pub meter_errors: u32,
+}
+
+/// Where finalised records go. `record` is called exactly once per request,
+/// possibly from a `Drop`, so it must not block.
+pub trait UsageSink: Send + Sync + 'static {
+    /// Takes ownership of one finalised record.
+    fn record(&self, record: UsageRecord);
+}
+
+/// A shared sink.
+pub type SharedSink = Arc<dyn UsageSink>;
+
+/// Writes one structured log line per request. Used when no ledger is attached.
+#[derive(Debug, Default)]
+pub struct LogSink;
+
+impl UsageSink for LogSink {
+    fn record(&self, r: UsageRecord) {
+        log_record(&r);
+    }
+}
+
+/// Logs a record as one structured line; no secret is part of a record.
+pub fn log_record(r: &UsageRecord) {
+    tracing::info!(
+        target: "tollgate::usage",
+        request_id = %r.request_id,
+        upstream_request_id = r.upstream_request_id.as_deref().unwrap_or(""),
+        key_id = %r.key_id,
+        model = r.model.as_deref().unwrap_or(""),
+        endpoint = %r.endpoint,
+        stream = r.stream,
+        status = r.status,
+        outcome = r.outcome.as_str(),
+        error_type = r.error_type.as_deref().unwrap_or(""),
+        stop_reason = r.stop_reason.as_deref().unwrap_or(""),
+        input_tokens = r.usage.input_tokens,
+        output_tokens = r.usage.output_tokens,
+        cache_creation_input_tokens = r.usage.cache_creation_input_tokens,
+        cache_read_input_tokens = r.usage.cache_read_input_tokens,
+        usage_exact = r.usage_exact,
+        attempts = r.attempts,
+        duration_ms = r.duration_ms,
+        "request finished"
+    );
+}
