@@ -1,1 +1,221 @@
-//! (being written)
+//! Builds the gateway from a [`Config`] and runs it until shutdown.
+//!
+//! [`App::start`] binds both listeners (port 0 works, for tests) and starts the
+//! named tasks; [`RunningApp::shutdown`] stops them in order. [`serve`] is what
+//! `tollgate serve` runs: start, wait for SIGTERM/SIGINT, shut down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus::Registry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{Admin, HealthCheck};
+use crate::config::Config;
+use crate::meter::body::{Recorder, RecorderSettings};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::record::{LogSink, SharedSink};
+use crate::server::{self, Listener};
+use crate::upstream::Upstream;
+
+/// Optional parts a test (or embedder) can supply instead of the defaults.
+#[derive(Default)]
+pub struct AppOptions {
+    /// Register metrics here instead of on a fresh registry.
+    pub registry: Option<Registry>,
+    /// Send records here instead of the configured sink.
+    pub sink: Option<SharedSink>,
+}
+
+/// Entry point of the library: see [`App::start`].
+pub struct App;
+
+/// A started gateway.
+pub struct RunningApp {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    registry: Registry,
+    shutdown: CancellationToken,
+    admin: Arc<Admin>,
+    proxy_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    admin_shutdown: CancellationToken,
+    drain_tasks: TaskTracker,
+    drain_timeout: Duration,
+}
+
+impl App {
+    /// Builds every component and binds the listeners.
+    pub async fn start(config: Config, options: AppOptions) -> anyhow::Result<RunningApp> {
+        let registry = match options.registry {
+            Some(r) => r,
+            None => Registry::new(),
+        };
+        let metrics = Metrics::new(&registry).context("registering metrics")?;
+        let sink: SharedSink = match options.sink {
+            Some(sink) => sink,
+            None => Arc::new(LogSink),
+        };
+        let prices = Some(crate::prices::load_configured(&config.raw.prices, &registry)?);
+        let upstream = Upstream::new(&config).context("building the upstream client")?;
+        let drain_tasks = TaskTracker::new();
+        let meter = &config.raw.meter;
+        let recorder = Arc::new(Recorder::new(
+            sink,
+            metrics,
+            prices,
+            RecorderSettings {
+                policy: meter.on_client_disconnect,
+                idle_timeout: config.raw.upstream.idle_timeout,
+                drain_timeout: meter.drain_timeout,
+                max_drains: meter.max_drains,
+            },
+            drain_tasks.clone(),
+        ));
+        let proxy = Arc::new(Proxy::new(upstream, recorder.clone(), config.raw.server.max_body_bytes));
+
+        let tls = match (&config.raw.server.tls_cert, &config.raw.server.tls_key) {
+            (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key).context("loading the listener's TLS certificate")?),
+            _ => None,
+        };
+        let proxy_listener = Listener::bind(config.listen, tls)
+            .await
+            .with_context(|| format!("binding server.listen {}", config.listen))?;
+        let admin_listener = Listener::bind(config.admin_listen, None)
+            .await
+            .with_context(|| format!("binding admin.listen {}", config.admin_listen))?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let checks: Vec<Arc<dyn HealthCheck>> = Vec::new();
+        let admin = Arc::new(Admin::new(registry.clone(), checks));
+        let shutdown = CancellationToken::new();
+        let admin_shutdown = CancellationToken::new();
+        let grace = config.raw.server.shutdown_grace;
+
+        let proxy_task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            let recorder = recorder.clone();
+            let handler = move |req| proxy.clone().handle(req);
+            server::serve("proxy", proxy_listener, handler, shutdown, grace, move || {
+                recorder.start_interrupting()
+            })
+        });
+        let admin_task = tokio::spawn({
+            let admin = admin.clone();
+            let handler = move |req| admin.clone().handle(req);
+            server::serve("admin", admin_listener, handler, admin_shutdown.clone(), Duration::from_secs(1), || {})
+        });
+        tracing::info!(%proxy_addr, %admin_addr, upstream = %config.upstream_url, auth = ?config.raw.auth.mode, "tollgate listening");
+        Ok(RunningApp {
+            proxy_addr,
+            admin_addr,
+            registry,
+            shutdown,
+            admin,
+            proxy_task,
+            admin_task,
+            admin_shutdown,
+            drain_tasks,
+            drain_timeout: meter.drain_timeout,
+        })
+    }
+}
+
+impl RunningApp {
+    /// The proxy listener's address.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The metrics registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// A token that starts shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled or a listener task dies, then
+    /// shuts down in order:
+    /// 1. `/readyz` turns 503 and the proxy listener stops accepting;
+    /// 2. in-flight streams finish within `server.shutdown_grace` (past it they
+    ///    are cut and recorded as `interrupted`);
+    /// 3. streams being drained after a client disconnect finish (bounded by
+    ///    `meter.drain_timeout`);
+    /// 4. the usage sink has received every record; the admin listener stops last.
+    pub async fn run_until_shutdown(mut self) -> anyhow::Result<()> {
+        let mut failure = None;
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            result = &mut self.proxy_task => failure = Some(format!("proxy listener task ended: {result:?}")),
+            result = &mut self.admin_task => failure = Some(format!("admin listener task ended: {result:?}")),
+        }
+        self.admin.mark_shutting_down();
+        self.shutdown.cancel();
+        if !self.proxy_task.is_finished() || failure.is_none() {
+            if let Err(e) = (&mut self.proxy_task).await {
+                failure.get_or_insert(format!("proxy listener task failed: {e}"));
+            }
+        }
+        self.drain_tasks.close();
+        if tokio::time::timeout(self.drain_timeout, self.drain_tasks.wait()).await.is_err() {
+            tracing::warn!("drains did not finish in time");
+        }
+        self.admin_shutdown.cancel();
+        let _ = (&mut self.admin_task).await;
+        match failure {
+            Some(f) => Err(anyhow::anyhow!(f)),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts shutdown and waits for it to complete.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.run_until_shutdown().await
+    }
+}
+
+/// `tollgate serve`: runs the gateway until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let app = App::start(config, AppOptions::default()).await?;
+    let token = app.shutdown_token();
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received");
+        token.cancel();
+    });
+    let result = app.run_until_shutdown().await;
+    signals.abort();
+    tracing::info!("tollgate stopped");
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops tollgate");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

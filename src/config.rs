@@ -583,6 +583,31 @@ mod tests {
         assert!(err.0.join("\n").contains("listn"), "{:?}", err.0);
     }
 
+    /// The example file documents every key with its default: loading it gives
+    /// the defaults, and every key of the defaults appears in it.
+    #[test]
+    fn example_file_documents_every_default() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.example.toml");
+        let from_example = Config::load_from(Some(&example), env(&[])).unwrap();
+        let defaults = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(from_example.to_masked_toml(), defaults.to_masked_toml());
+        let text = std::fs::read_to_string(&example).unwrap();
+        let value: toml::Value = toml::from_str(&defaults.to_masked_toml()).unwrap();
+        for (section, table) in value.as_table().unwrap() {
+            assert!(text.contains(&format!("[{section}]")), "section {section} undocumented");
+            for key in table.as_table().unwrap().keys() {
+                let documented = text.lines().any(|l| {
+                    let l = l.trim_start_matches(['#', ' ']);
+                    l.starts_with(&format!("{key} ="))
+                });
+                assert!(documented, "{section}.{key} is not in the example file");
+            }
+        }
+        for optional in ["tls_cert", "tls_key", "token", "ca_file", "api_key", "redis_url"] {
+            assert!(text.contains(&format!("# {optional} =")), "{optional} undocumented");
+        }
+    }
+
     #[test]
     fn masked_output_hides_secrets() {
         let c = Config::load_from(

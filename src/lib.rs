@@ -17,6 +17,8 @@
 //! - [`upstream`]: the pooled HTTPS client to the Anthropic API, with timeouts.
 //! - [`meter`]: the body wrapper, the SSE and JSON usage readers.
 //! - [`record`]: the usage record and the sinks that receive it.
+//! - [`ledger`]: the durable journal, the batch writer and the Postgres/SQLite stores.
+//! - [`prices`]: the price table and the exact cost of a record, in nano-dollars.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, `/metrics`, `/livez`, `/readyz`.
 //! - [`error`]: the error taxonomy and its Anthropic-shaped responses.
 //! - [`secret`]: values that never print.
@@ -27,9 +29,11 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod ledger;
 pub mod meter;
 pub mod metrics;
 pub mod mock_upstream;
+pub mod prices;
 pub mod proxy;
 pub mod record;
 pub mod secret;

@@ -24,6 +24,12 @@ enum Command {
     Serve,
     /// Print the effective configuration with secrets masked, or every error.
     CheckConfig,
+    /// Apply the ledger's database migrations to `ledger.url`.
+    Migrate,
+    /// Report usage from the ledger, grouped and over a time range.
+    Usage(tollgate::ledger::cli::UsageArgs),
+    /// Recompute stored costs with the current price table.
+    Reprice(tollgate::ledger::cli::RepriceArgs),
     /// Run a fake Anthropic API for tests, demos and benchmarks.
     MockUpstream(tollgate::mock_upstream::MockArgs),
 }
@@ -53,6 +59,22 @@ fn main() -> ExitCode {
         Command::Serve => {
             tollgate::telemetry::init(&config.raw.log);
             report(runtime().and_then(|rt| rt.block_on(tollgate::app::serve(config))))
+        }
+        Command::Migrate => {
+            tollgate::telemetry::init(&config.raw.log);
+            report(runtime().and_then(|rt| rt.block_on(tollgate::ledger::cli::migrate(&config))))
+        }
+        Command::Usage(args) => {
+            tollgate::telemetry::init(&config.raw.log);
+            report(
+                runtime().and_then(|rt| rt.block_on(tollgate::ledger::cli::usage(&config, args))),
+            )
+        }
+        Command::Reprice(args) => {
+            tollgate::telemetry::init(&config.raw.log);
+            report(
+                runtime().and_then(|rt| rt.block_on(tollgate::ledger::cli::reprice(&config, args))),
+            )
         }
         Command::MockUpstream(_) => unreachable!("handled before loading the config"),
     }

@@ -1,1 +1,238 @@
-//! (being written)
+//! The request path: route, read, identify, forward, and wrap the response.
+//!
+//! [`Proxy::handle`] runs once per request. It accepts only `/v1/...` paths,
+//! reads the body (bounded by `server.max_body_bytes`), takes a lenient look at
+//! it ([`request_info`]), identifies the caller ([`identity`]), forwards the
+//! request with hop-by-hop headers removed, and returns the upstream response
+//! with its body wrapped in a [`MeteredBody`]. Errors tollgate originates go
+//! through [`GatewayError::to_response`], the one place that shapes them.
+
+pub mod identity;
+pub mod request_info;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::error::{GatewayError, REQUEST_ID_HEADER};
+use crate::meter::Meter;
+use crate::meter::body::{MeteredBody, Recorder, RequestContext, ResponseFacts};
+use crate::upstream::Upstream;
+use identity::Credential;
+use request_info::RequestInfo;
+
+/// The body of every response the proxy returns.
+pub type ProxyBody = Either<MeteredBody<Incoming>, Full<Bytes>>;
+
+/// Request headers starting with this prefix are for tollgate and not forwarded.
+const OWN_HEADER_PREFIX: &str = "tollgate-";
+/// Optional request header with free-form labels recorded in `tags`.
+const TAGS_HEADER: &str = "tollgate-tags";
+
+/// Shared state of the request path.
+pub struct Proxy {
+    upstream: Upstream,
+    recorder: Arc<Recorder>,
+    max_body_bytes: u64,
+}
+
+impl Proxy {
+    /// Creates the request handler.
+    pub fn new(upstream: Upstream, recorder: Arc<Recorder>, max_body_bytes: u64) -> Proxy {
+        Proxy { upstream, recorder, max_body_bytes }
+    }
+
+    /// Handles one request. Never fails: errors become Anthropic-shaped responses.
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let started_at = chrono::Utc::now();
+        let request_id = format!("tg_{}", uuid::Uuid::now_v7().simple());
+        match self.forward(request, &request_id, started, started_at).await {
+            Ok(response) => response,
+            Err(error) => {
+                self.recorder.metrics().rejected.with_label_values(&[error.label()]).inc();
+                tracing::debug!(request_id = %request_id, error = %error, "request answered by tollgate");
+                error.to_response(&request_id).map(Either::Right)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        request_id: &str,
+        started: Instant,
+        started_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path();
+        if !(path == "/v1" || path.starts_with("/v1/")) {
+            return Err(GatewayError::NotFound { method: parts.method.to_string(), path: path.to_owned() });
+        }
+        if !self.recorder.sink().accepting() {
+            return Err(GatewayError::ShuttingDown);
+        }
+        let key_id = Credential::from_headers(&parts.headers)
+            .ok_or(GatewayError::Unauthenticated(
+                "missing API key: send x-api-key or Authorization: Bearer",
+            ))?
+            .fingerprint();
+
+        let body = self.read_body(&parts.headers, body).await?;
+        let endpoint = path.to_owned();
+        let billable = parts.method == Method::POST && endpoint == "/v1/messages";
+        let info = if billable { RequestInfo::from_body(&body) } else { RequestInfo::default() };
+
+        let path_and_query = parts.uri.path_and_query().map_or(path, |pq| pq.as_str());
+        let mut upstream_request = Request::new(Full::new(body));
+        *upstream_request.method_mut() = parts.method.clone();
+        *upstream_request.uri_mut() = self.upstream.uri_for(path_and_query)?;
+        *upstream_request.headers_mut() = forwarded_request_headers(&parts.headers);
+
+        let ctx = RequestContext {
+            request_id: request_id.to_owned(),
+            key_id,
+            team: None,
+            requested_model: info.model,
+            endpoint,
+            end_user: info.end_user,
+            tags: header_str(&parts.headers, TAGS_HEADER).map(str::to_owned),
+            long_context_beta: header_str(&parts.headers, "anthropic-beta")
+                .is_some_and(crate::prices::is_long_context_beta),
+            attempts: 1,
+            queued_ms: 0,
+            started,
+            started_at,
+            forwarded: Instant::now(),
+        };
+
+        let metrics = self.recorder.metrics();
+        metrics.active_requests.inc();
+        let response = match self.upstream.send(upstream_request).await {
+            Ok(response) => response,
+            Err(error) => {
+                metrics.upstream_failures.with_label_values(&[error.label()]).inc();
+                match &error {
+                    // The request never reached the upstream: nothing to record.
+                    GatewayError::UpstreamConnect(_) => metrics.active_requests.dec(),
+                    // It may have been processed: record it, usage unknown.
+                    _ => self.recorder.record_failed(ctx, error.status().as_u16(), error.error_type()),
+                }
+                tracing::warn!(request_id = %request_id, error = %error, "upstream request failed");
+                return Err(error);
+            }
+        };
+
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let content_type = header_str(&parts.headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
+        let encoding = header_str(&parts.headers, header::CONTENT_ENCODING.as_str()).unwrap_or("");
+        let stream = content_type.starts_with("text/event-stream");
+        let meter = Meter::for_response(billable, content_type, encoding);
+        let facts = ResponseFacts {
+            status: parts.status.as_u16(),
+            upstream_request_id: header_str(&parts.headers, "request-id").map(str::to_owned),
+            stream,
+            can_append_error: stream && !parts.headers.contains_key(header::CONTENT_LENGTH),
+        };
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            parts.headers.insert(REQUEST_ID_HEADER, v);
+        }
+        let body = MeteredBody::new(body, meter, ctx, facts, self.recorder.clone());
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// Reads the whole request body, refusing more than `max_body_bytes`.
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, GatewayError> {
+        let limit = self.max_body_bytes;
+        let declared = header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        let max = usize::try_from(limit).unwrap_or(usize::MAX);
+        match Limited::new(body, max).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::BodyTooLarge { limit }),
+            Err(e) => Err(GatewayError::BadRequest(e.to_string())),
+        }
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The client's headers as sent upstream: end-to-end headers unchanged,
+/// hop-by-hop and tollgate's own removed, and `Host` left to the client
+/// (set from the upstream URI).
+fn forwarded_request_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    strip_hop_by_hop(&mut out);
+    out.remove(header::HOST);
+    // The body is re-framed from the bytes read; hyper sets the length.
+    out.remove(header::CONTENT_LENGTH);
+    let own: Vec<HeaderName> =
+        out.keys().filter(|k| k.as_str().starts_with(OWN_HEADER_PREFIX)).cloned().collect();
+    for name in own {
+        out.remove(name);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("host", "tollgate:8080".parse().unwrap());
+        h.insert("x-api-key", "sk".parse().unwrap());
+        h.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        h.insert("tollgate-tags", "a".parse().unwrap());
+        let out = forwarded_request_headers(&h);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(out["x-api-key"], "sk");
+        assert_eq!(out["anthropic-version"], "2023-06-01");
+    }
+}

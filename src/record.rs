@@ -101,6 +101,9 @@ pub struct UsageRecord {
     pub finished_at: DateTime<Utc>,
     /// Malformed SSE events seen by the meter (never fatal).
     pub meter_errors: u32,
+    /// The request carried the `context-1m-2025-08-07` beta (long-context pricing).
+    #[serde(default)]
+    pub long_context_beta: bool,
 }
 
 /// Where finalised records go. `record` is called exactly once per request,
@@ -108,6 +111,12 @@ pub struct UsageRecord {
 pub trait UsageSink: Send + Sync + 'static {
     /// Takes ownership of one finalised record.
     fn record(&self, record: UsageRecord);
+
+    /// Whether the sink can take more records. When false, the proxy refuses
+    /// new requests (503) rather than forward traffic it could not account for.
+    fn accepting(&self) -> bool {
+        true
+    }
 }
 
 /// A shared sink.

@@ -1,0 +1,482 @@
+//! The ledger: every finalised usage record, made durable on local disk first
+//! and then written, exactly once, to the store (Postgres, or SQLite embedded).
+//!
+//! The path of a record, one stage per file:
+//! 1. [`LedgerSink::record`] queues it for the journal thread (never blocks).
+//! 2. [`journal`]: the journal thread appends it to a checksummed segment file
+//!    and fsyncs records in groups (`ledger.fsync_interval`); only then is the
+//!    record durable and visible to the writer.
+//! 3. [`writer`]: the batch writer reads durable records from the journal in
+//!    order, inserts them in batches (`ledger.batch_size` rows or
+//!    `ledger.batch_interval`) with `ON CONFLICT (request_id) DO NOTHING`, and
+//!    then checkpoints the journal and deletes the segments it has passed.
+//! 4. [`store`]: the two backends, their migrations and queries.
+//!
+//! While the store is unreachable, records pile up in the journal (not in
+//! memory) and the writer retries with backoff; it replays them in order when
+//! the store returns. On start, everything after the checkpoint is replayed, so
+//! a killed process loses nothing it had finalised. [`report`] and [`cli`] are
+//! the `tollgate usage`, `migrate` and `reprice` commands.
+
+pub mod cli;
+pub mod journal;
+pub mod metrics;
+pub mod report;
+pub mod store;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::config::LedgerConfig;
+use crate::record::{UsageRecord, UsageSink};
+
+pub use metrics::LedgerMetrics;
+pub use store::{Backend, Store};
+
+use journal::{JournalMsg, JournalWriter};
+
+/// Records queued for the journal past which the sink stops accepting new
+/// requests: the journal thread is not keeping up (a stalled disk).
+const MAX_QUEUED_RECORDS: i64 = 100_000;
+/// How long [`start`] tries to migrate before leaving it to the writer.
+const START_MIGRATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared by the sink, the journal thread, the writer and the handle.
+pub(crate) struct Shared {
+    pub metrics: LedgerMetrics,
+    pub progress: Arc<Progress>,
+    pub max_bytes: u64,
+    /// False once the journal thread has ended (for whatever reason).
+    pub journal_alive: AtomicBool,
+    /// True while journal writes fail.
+    pub journal_failing: AtomicBool,
+    /// True while the journal is past `max_bytes`.
+    pub journal_full: AtomicBool,
+    /// Highest sequence number fsynced to the journal.
+    pub durable_seq: AtomicU64,
+    /// Highest sequence number known to be in the store.
+    pub checkpoint: AtomicU64,
+    pub store_reachable: AtomicBool,
+    /// The last store error, scrubbed of the connection URL's password.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Timestamps behind `tollgate_ledger_oldest_unflushed_seconds` (kept apart
+/// from [`Shared`] because the metric's collector needs them before the
+/// metrics exist).
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// When the sink accepted the oldest record of the writer's current
+    /// batch (unix ms; 0 when the writer holds none).
+    pub oldest_unwritten_ms: AtomicU64,
+    /// When the sink accepted the first record of the journal's unsynced
+    /// group (unix ms; 0 when there is none).
+    pub oldest_unsynced_ms: AtomicU64,
+}
+
+impl Progress {
+    /// Seconds since the oldest record not yet in the store was accepted.
+    pub fn oldest_unflushed_seconds(&self) -> f64 {
+        let oldest = [&self.oldest_unwritten_ms, &self.oldest_unsynced_ms]
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|ms| *ms > 0)
+            .min();
+        match oldest {
+            Some(ms) => now_ms().saturating_sub(ms) as f64 / 1000.0,
+            None => 0.0,
+        }
+    }
+}
+
+impl Shared {
+    /// Whether new requests may be admitted: the journal works, is under its
+    /// size limit, and keeps up with the queue.
+    fn accepting(&self) -> bool {
+        self.journal_alive.load(Ordering::Relaxed)
+            && !self.journal_failing.load(Ordering::Relaxed)
+            && !self.journal_full.load(Ordering::Relaxed)
+            && self.metrics.queue_depth.get() < MAX_QUEUED_RECORDS
+    }
+
+    /// Re-evaluates the size limit after the journal grew or shrank, logging
+    /// the transitions once each.
+    pub(crate) fn update_full(&self) {
+        let bytes = u64::try_from(self.metrics.journal_bytes.get()).unwrap_or(0);
+        let full = bytes >= self.max_bytes;
+        if self.journal_full.swap(full, Ordering::SeqCst) != full {
+            self.metrics.journal_full.set(i64::from(full));
+            if full {
+                tracing::error!(
+                    journal_bytes = bytes,
+                    journal_max_bytes = self.max_bytes,
+                    "usage journal is full: refusing new requests (503) until the store catches up"
+                );
+            } else {
+                tracing::info!(
+                    journal_bytes = bytes,
+                    "usage journal below its limit again: accepting requests"
+                );
+            }
+        }
+    }
+
+    pub(crate) fn set_store_ok(&self) {
+        if !self.store_reachable.swap(true, Ordering::SeqCst) {
+            tracing::info!("ledger store reachable");
+        }
+        self.metrics.store_up.set(1);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = None;
+        }
+    }
+
+    pub(crate) fn set_store_error(&self, error: String) {
+        self.store_reachable.store(false, Ordering::SeqCst);
+        self.metrics.store_up.set(0);
+        self.metrics.store_errors.inc();
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error);
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The [`UsageSink`] of the ledger: hands each record to the journal thread
+/// through an unbounded in-memory queue and returns at once, so it is safe to
+/// call from `Drop` on a runtime worker.
+///
+/// **When it is full.** [`accepting`](UsageSink::accepting) turns false when
+/// the journal on disk reaches `ledger.journal_max_bytes` (the store has been
+/// unreachable long enough), when journal writes fail, or when more than
+/// 100,000 records wait for the journal thread (a stalled disk). The proxy then
+/// refuses new requests with 503 rather than forward traffic it could not
+/// account for; `tollgate_ledger_journal_full` is 1 and an error is logged.
+/// Records of requests already in flight are still taken and journalled —
+/// a finalised record is never dropped to make room, so the journal may pass
+/// its limit by what those requests produce. It accepts again as soon as the
+/// writer has caught up enough to delete segments.
+///
+/// Only if the journal thread itself has stopped (after
+/// [`LedgerHandle::shutdown`], or a fatal fault) can a record not be
+/// journalled; it is then logged in full at error level and counted as
+/// `dropped`.
+pub struct LedgerSink {
+    tx: mpsc::Sender<JournalMsg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LedgerSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerSink").finish_non_exhaustive()
+    }
+}
+
+impl UsageSink for LedgerSink {
+    fn record(&self, record: UsageRecord) {
+        self.shared.metrics.queue_depth.inc();
+        if let Err(mpsc::SendError(message)) =
+            self.tx.send(JournalMsg::Record(Box::new(record), now_ms()))
+        {
+            self.shared.metrics.queue_depth.dec();
+            self.shared
+                .metrics
+                .records
+                .with_label_values(&["dropped"])
+                .inc();
+            if let JournalMsg::Record(record, _) = message {
+                tracing::error!(
+                    record = %serde_json::to_string(&record).unwrap_or_default(),
+                    "usage journal has stopped; this record is only in this log line"
+                );
+            }
+        }
+    }
+
+    fn accepting(&self) -> bool {
+        self.shared.accepting()
+    }
+}
+
+/// The ledger's state for `/readyz` and operators.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerHealth {
+    /// `postgres` or `sqlite`.
+    pub backend: Backend,
+    /// The last operation on the store succeeded. The gateway keeps serving
+    /// while this is false: the journal holds the records.
+    pub store_reachable: bool,
+    /// New requests are admitted (see [`LedgerSink`]).
+    pub accepting: bool,
+    pub journal_full: bool,
+    /// Records waiting for the journal thread.
+    pub queue_depth: u64,
+    pub journal_bytes: u64,
+    pub journal_max_bytes: u64,
+    /// Records journalled but not yet known to be in the store.
+    pub unflushed_records: u64,
+    pub oldest_unflushed_seconds: f64,
+    /// The journal thread and the writer are running.
+    pub tasks_running: bool,
+    /// The last store error, if the store is failing (no secrets).
+    pub last_error: Option<String>,
+}
+
+impl LedgerHealth {
+    /// Whether the gateway should report ready: it can take and record requests.
+    pub fn ready(&self) -> bool {
+        self.accepting && self.tasks_running
+    }
+}
+
+/// Owns the ledger's journal thread and writer task: reports their health and
+/// shuts them down in order.
+pub struct LedgerHandle {
+    shared: Arc<Shared>,
+    backend: Backend,
+    tx: mpsc::Sender<JournalMsg>,
+    journal_thread: std::thread::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+    journal_dir: PathBuf,
+}
+
+impl std::fmt::Debug for LedgerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerHandle")
+            .field("journal_dir", &self.journal_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LedgerHandle {
+    /// The ledger's state now.
+    pub fn health(&self) -> LedgerHealth {
+        let s = &self.shared;
+        let durable = s.durable_seq.load(Ordering::SeqCst);
+        let checkpoint = s.checkpoint.load(Ordering::SeqCst);
+        LedgerHealth {
+            backend: self.backend,
+            store_reachable: s.store_reachable.load(Ordering::SeqCst),
+            accepting: s.accepting(),
+            journal_full: s.journal_full.load(Ordering::SeqCst),
+            queue_depth: u64::try_from(s.metrics.queue_depth.get()).unwrap_or(0),
+            journal_bytes: u64::try_from(s.metrics.journal_bytes.get()).unwrap_or(0),
+            journal_max_bytes: s.max_bytes,
+            unflushed_records: durable.saturating_sub(checkpoint),
+            oldest_unflushed_seconds: s.progress.oldest_unflushed_seconds(),
+            tasks_running: !self.journal_thread.is_finished() && !self.writer.is_finished(),
+            last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    /// The highest journal sequence number known to be in the store.
+    pub fn checkpoint(&self) -> u64 {
+        self.shared.checkpoint.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every record given to the sink so far is in the store (or
+    /// `timeout` passes; returns whether it got there). For tests and tools.
+    pub async fn flushed(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = &self.shared;
+            let idle = s.metrics.queue_depth.get() == 0
+                && s.progress.oldest_unsynced_ms.load(Ordering::SeqCst) == 0;
+            if idle && s.checkpoint.load(Ordering::SeqCst) >= s.durable_seq.load(Ordering::SeqCst) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the ledger. Call it after the last request has finished:
+    /// 1. the journal thread takes everything still queued, fsyncs it and stops
+    ///    (records given to the sink after this are logged, not journalled);
+    /// 2. the writer inserts what remains in the journal, for at most
+    ///    `max_wait` — if the store is down, the records stay in the journal
+    ///    and are replayed on the next start;
+    /// 3. the store's connections are closed.
+    pub async fn shutdown(self, max_wait: Duration) {
+        let LedgerHandle {
+            shared,
+            tx,
+            journal_thread,
+            writer,
+            cancel,
+            journal_dir,
+            ..
+        } = self;
+        // 1.
+        let _ = tx.send(JournalMsg::Shutdown);
+        drop(tx);
+        match tokio::task::spawn_blocking(move || journal_thread.join()).await {
+            Ok(Ok(())) => {}
+            _ => tracing::error!("usage journal thread panicked"),
+        }
+        // 2.
+        let mut writer = writer;
+        if tokio::time::timeout(max_wait, &mut writer).await.is_err() {
+            let left = shared
+                .durable_seq
+                .load(Ordering::SeqCst)
+                .saturating_sub(shared.checkpoint.load(Ordering::SeqCst));
+            tracing::warn!(
+                records = left,
+                journal_dir = %journal_dir.display(),
+                "ledger store did not take every record before shutdown; they stay in the journal for the next start"
+            );
+            cancel.cancel();
+            let _ = writer.await;
+        }
+        tracing::info!(
+            checkpoint = shared.checkpoint.load(Ordering::SeqCst),
+            "ledger stopped"
+        );
+    }
+}
+
+/// Starts the ledger: opens the store (without requiring it to be up),
+/// recovers the journal, and starts the journal thread and the batch writer,
+/// which first replays whatever the journal holds past its checkpoint.
+///
+/// With `ledger.migrate`, migrations are applied here if the store answers
+/// within a few seconds, else by the writer once it does. A store that answers
+/// but rejects the migrations (a changed migration, missing privileges) is an
+/// error.
+pub async fn start(
+    cfg: &LedgerConfig,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<(Arc<LedgerSink>, LedgerHandle)> {
+    let url = cfg.url.expose().to_owned();
+    let store = Store::open_lazy(&url, true)
+        .with_context(|| format!("cannot use ledger.url {}", cfg.url))?;
+    let backend = store.backend();
+
+    let progress = Arc::new(Progress::default());
+    let age = progress.clone();
+    let metrics = LedgerMetrics::new(registry, move || age.oldest_unflushed_seconds())
+        .context("cannot register the ledger metrics")?;
+
+    let mut migrated = !cfg.migrate;
+    let mut store_reachable = false;
+    if cfg.migrate {
+        match tokio::time::timeout(START_MIGRATE_TIMEOUT, store.migrate()).await {
+            Ok(Ok(())) => {
+                migrated = true;
+                store_reachable = true;
+            }
+            Ok(Err(e)) if store::migrate_error_is_transient(backend, &e) => {
+                tracing::warn!(error = %store::scrub(&e.to_string(), &url), store = %cfg.url,
+                    "ledger store unreachable at start; serving anyway, records wait in the journal");
+            }
+            Ok(Err(e)) => {
+                return Err(anyhow::anyhow!(store::scrub(&e.to_string(), &url)))
+                    .with_context(|| format!("cannot migrate the ledger at {}", cfg.url));
+            }
+            Err(_) => tracing::warn!(store = %cfg.url,
+                "ledger store did not answer at start; serving anyway, records wait in the journal"),
+        }
+    }
+
+    let dir = cfg.journal_dir.clone();
+    let segment_bytes = (cfg.journal_max_bytes / 16).clamp(4 * 1024, 64 * 1024 * 1024);
+    let recovered = {
+        let dir_for_open = dir.clone();
+        tokio::task::spawn_blocking(move || JournalWriter::open(&dir_for_open, segment_bytes))
+            .await
+            .context("journal recovery panicked")?
+            .with_context(|| format!("cannot open the usage journal in {}", dir.display()))?
+    };
+    metrics
+        .journal_bytes
+        .set(i64::try_from(recovered.bytes).unwrap_or(i64::MAX));
+    if recovered.torn_bytes > 0 {
+        tracing::warn!(
+            torn_bytes = recovered.torn_bytes,
+            "cut a torn record off the journal"
+        );
+    }
+    let pending = recovered.last_seq.saturating_sub(recovered.checkpoint);
+    if pending > 0 {
+        tracing::info!(
+            records = pending,
+            "replaying usage records from the journal"
+        );
+    }
+
+    let shared = Arc::new(Shared {
+        metrics,
+        progress,
+        max_bytes: cfg.journal_max_bytes,
+        journal_alive: AtomicBool::new(true),
+        journal_failing: AtomicBool::new(false),
+        journal_full: AtomicBool::new(false),
+        durable_seq: AtomicU64::new(recovered.last_seq),
+        checkpoint: AtomicU64::new(recovered.checkpoint.min(recovered.last_seq)),
+        store_reachable: AtomicBool::new(store_reachable),
+        last_error: Mutex::new(None),
+    });
+    shared.metrics.store_up.set(i64::from(store_reachable));
+    shared.update_full();
+
+    let (tx, rx) = mpsc::channel();
+    let (durable_tx, durable_rx) = tokio::sync::watch::channel(recovered.last_seq);
+    let journal_thread = {
+        let shared = shared.clone();
+        let fsync_interval = cfg.fsync_interval;
+        let journal = recovered.writer;
+        std::thread::Builder::new()
+            .name("tollgate-journal".into())
+            .spawn(move || journal::run_journal(journal, rx, durable_tx, shared, fsync_interval))
+            .context("cannot start the journal thread")?
+    };
+
+    let cancel = CancellationToken::new();
+    let settings = writer::WriterSettings {
+        dir: dir.clone(),
+        batch_size: cfg.batch_size.max(1),
+        batch_interval: cfg.batch_interval,
+        migrate: !migrated,
+        replay_until: recovered.last_seq,
+        url,
+    };
+    // The writer's supervisor, named by its span; this handle owns it.
+    let writer = tokio::spawn(
+        writer::supervise(store, settings, durable_rx, shared.clone(), cancel.clone())
+            .instrument(tracing::info_span!("ledger-writer")),
+    );
+
+    let sink = Arc::new(LedgerSink {
+        tx: tx.clone(),
+        shared: shared.clone(),
+    });
+    let handle = LedgerHandle {
+        shared,
+        backend,
+        tx,
+        journal_thread,
+        writer,
+        cancel,
+        journal_dir: dir,
+    };
+    Ok((sink, handle))
+}
