@@ -366,6 +366,7 @@ pub async fn run_cli(args: MockArgs) -> anyhow::Result<()> {
     stop.await?;
     tracing::info!("mock-upstream stopping");
     server.shutdown().await;
+    tracing::info!("TEMPDEBUG stopped");
     Ok(())
 }
 

@@ -54,7 +54,10 @@ impl Stack {
 
     /// The record of the request whose `tollgate-request-id` the SDK saw.
     async fn record_of(&self, run: &ScenarioRun) -> UsageRecord {
-        self.gateway.sink.wait_for_request(&run.tollgate_request_id()).await
+        self.gateway
+            .sink
+            .wait_for_request(&run.tollgate_request_id())
+            .await
     }
 }
 
@@ -77,8 +80,16 @@ fn assert_completed(run: &ScenarioRun, record: &UsageRecord, stream: bool) {
     assert_eq!(record.stream, stream, "{record:?}");
     assert!(record.usage_exact, "{record:?}");
     assert_eq!(record.endpoint, "/v1/messages");
-    assert_eq!(record.message_id.as_deref(), result["message_id"].as_str(), "{run}");
-    assert_eq!(record.stop_reason.as_deref(), result["stop_reason"].as_str(), "{run}");
+    assert_eq!(
+        record.message_id.as_deref(),
+        result["message_id"].as_str(),
+        "{run}"
+    );
+    assert_eq!(
+        record.stop_reason.as_deref(),
+        result["stop_reason"].as_str(),
+        "{run}"
+    );
     assert_eq!(record.model.as_deref(), result["model"].as_str(), "{run}");
     assert_eq!(
         record.upstream_request_id.as_deref(),
@@ -91,8 +102,15 @@ fn assert_completed(run: &ScenarioRun, record: &UsageRecord, stream: bool) {
 /// final message's text; the mock sends one delta per output token.
 fn assert_streamed_text(run: &ScenarioRun) {
     let result = run.result();
-    assert_eq!(result["text_stream"].as_str(), Some(first_text(result)), "{run}");
-    assert_eq!(result["text_events"], result["usage"]["output_tokens"], "{run}");
+    assert_eq!(
+        result["text_stream"].as_str(),
+        Some(first_text(result)),
+        "{run}"
+    );
+    assert_eq!(
+        result["text_events"], result["usage"]["output_tokens"],
+        "{run}"
+    );
 }
 
 /// The upstream's usage statement (`x-mock-usage`) as the SDK saw it, so the
@@ -103,7 +121,11 @@ fn assert_mock_usage_header(run: &ScenarioRun, record: &UsageRecord) {
         "input={},output={},cache_write={},cache_read={}",
         u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens
     );
-    assert_eq!(run.result()["headers"]["x-mock-usage"].as_str(), Some(expected.as_str()), "{run}");
+    assert_eq!(
+        run.result()["headers"]["x-mock-usage"].as_str(),
+        Some(expected.as_str()),
+        "{run}"
+    );
 }
 
 fn assert_sent(run: &ScenarioRun, version: &str, bearer: bool) {
@@ -121,9 +143,20 @@ fn assert_sent(run: &ScenarioRun, version: &str, bearer: bool) {
 /// An error the SDK raised: its class (or a base class), status and type.
 fn assert_raised(run: &ScenarioRun, class: &str, status: Option<u64>, error_type: &str) {
     let error = run.error();
-    let mro: Vec<&str> = error["mro"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
-    assert!(mro.contains(&class), "expected the SDK to raise {class}: {run}");
-    assert_eq!(error["sdk_error"], true, "not one of the SDK's own exception classes: {run}");
+    let mro: Vec<&str> = error["mro"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        mro.contains(&class),
+        "expected the SDK to raise {class}: {run}"
+    );
+    assert_eq!(
+        error["sdk_error"], true,
+        "not one of the SDK's own exception classes: {run}"
+    );
     assert_eq!(error["status_code"].as_u64(), status, "{run}");
     assert_eq!(error["type"], error_type, "{run}");
 }
@@ -141,7 +174,9 @@ async fn python_stream_usage_equals_record() {
     assert_completed(&run, &record, true);
     assert_streamed_text(&run);
     assert_mock_usage_header(&run, &record);
-    assert!(record.usage.cache_creation_input_tokens > 0 && record.usage.cache_read_input_tokens > 0);
+    assert!(
+        record.usage.cache_creation_input_tokens > 0 && record.usage.cache_read_input_tokens > 0
+    );
     assert_sent(&run, "2026-10-21", true);
 }
 
@@ -173,7 +208,12 @@ async fn python_tool_use_stream_usage_equals_record() {
     let block = &result["content"][0];
     assert_eq!(block["type"], "tool_use", "{run}");
     assert_eq!(block["name"], "get_weather", "{run}");
-    assert!(block["input"]["text"].as_str().is_some_and(|t| !t.is_empty()), "{run}");
+    assert!(
+        block["input"]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{run}"
+    );
 }
 
 #[tokio::test]
@@ -189,7 +229,10 @@ async fn python_create_usage_equals_record() {
     let result = run.result();
     assert_eq!(result["retries_taken"], 0, "{run}");
     // The SDK's `_request_id` is the upstream's id, relayed unchanged.
-    assert_eq!(result["sdk_request_id"], result["headers"]["request-id"], "{run}");
+    assert_eq!(
+        result["sdk_request_id"], result["headers"]["request-id"],
+        "{run}"
+    );
     assert_sent(&run, "2026-10-21", true);
 }
 
@@ -204,7 +247,10 @@ async fn check_sdk_retry(scenario: &str, status: u16, error_type: &str) -> Scena
     assert_completed(&run, &record, false);
     let records = stack.gateway.sink.wait_for(2).await;
     assert_eq!(records.len(), 2, "{records:?}");
-    let failed = records.iter().find(|r| r.request_id != record.request_id).unwrap();
+    let failed = records
+        .iter()
+        .find(|r| r.request_id != record.request_id)
+        .unwrap();
     assert_eq!(failed.status, status, "{failed:?}");
     assert_eq!(failed.outcome, Outcome::UpstreamError, "{failed:?}");
     assert_eq!(failed.error_type.as_deref(), Some(error_type), "{failed:?}");
@@ -221,7 +267,10 @@ async fn python_retries_429_after_retry_after() {
     let run = check_sdk_retry("retry_429", 429, "rate_limit_error").await;
     // The SDK waited as the relayed `retry-after` (1 s) told it to.
     let elapsed = run.result()["elapsed_s"].as_f64().unwrap();
-    assert!(elapsed >= 1.0, "the SDK retried after {elapsed} s, before retry-after: {run}");
+    assert!(
+        elapsed >= 1.0,
+        "the SDK retried after {elapsed} s, before retry-after: {run}"
+    );
 }
 
 #[tokio::test]
@@ -244,8 +293,15 @@ async fn python_persistent_529_raises_overloaded_error() {
     let record = stack.record_of(&run).await;
     assert_eq!(record.status, 529, "{record:?}");
     assert_eq!(record.outcome, Outcome::UpstreamError, "{record:?}");
-    assert_eq!(record.error_type.as_deref(), Some("overloaded_error"), "{record:?}");
-    assert_eq!(record.upstream_request_id.as_deref(), run.error()["request_id"].as_str());
+    assert_eq!(
+        record.error_type.as_deref(),
+        Some("overloaded_error"),
+        "{record:?}"
+    );
+    assert_eq!(
+        record.upstream_request_id.as_deref(),
+        run.error()["request_id"].as_str()
+    );
 }
 
 #[tokio::test]
@@ -260,8 +316,16 @@ async fn python_bad_request_raises_bad_request_error() {
     let record = stack.record_of(&run).await;
     assert_eq!(record.status, 400, "{record:?}");
     assert_eq!(record.outcome, Outcome::UpstreamError, "{record:?}");
-    assert_eq!(record.error_type.as_deref(), Some("invalid_request_error"), "{record:?}");
-    assert_eq!(record.usage.input_tokens + record.usage.output_tokens, 0, "{record:?}");
+    assert_eq!(
+        record.error_type.as_deref(),
+        Some("invalid_request_error"),
+        "{record:?}"
+    );
+    assert_eq!(
+        record.usage.input_tokens + record.usage.output_tokens,
+        0,
+        "{record:?}"
+    );
     // A 400 is not retried: one request only.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(stack.gateway.sink.all().len(), 1);
@@ -270,8 +334,12 @@ async fn python_bad_request_raises_bad_request_error() {
 /// What the SDK saw of a stream before it raised.
 fn partial(run: &ScenarioRun) -> (u64, u64) {
     let partial = &run.report["partial"];
-    let input = partial["input_tokens_at_start"].as_u64().unwrap_or_else(|| panic!("{run}"));
-    let texts = partial["text_events"].as_u64().unwrap_or_else(|| panic!("{run}"));
+    let input = partial["input_tokens_at_start"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{run}"));
+    let texts = partial["text_events"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{run}"));
     (input, texts)
 }
 
@@ -288,10 +356,17 @@ async fn python_in_stream_error_raises_and_is_recorded() {
     let record = stack.record_of(&run).await;
     let (input, texts) = partial(&run);
     assert_eq!(record.outcome, Outcome::StreamError, "{record:?}");
-    assert_eq!(record.error_type.as_deref(), Some("overloaded_error"), "{record:?}");
+    assert_eq!(
+        record.error_type.as_deref(),
+        Some("overloaded_error"),
+        "{record:?}"
+    );
     assert!(!record.usage_exact, "{record:?}");
     assert_eq!(record.usage.input_tokens, input, "{record:?}");
-    assert!(record.usage.output_tokens >= texts, "output estimated from the text seen: {record:?}");
+    assert!(
+        record.usage.output_tokens >= texts,
+        "output estimated from the text seen: {record:?}"
+    );
     assert!(record.usage.output_tokens < 20, "{record:?}");
 }
 
@@ -307,10 +382,20 @@ async fn python_abandoned_stream_is_recorded_as_client_disconnected() {
     assert_eq!(record.outcome, Outcome::ClientDisconnected, "{record:?}");
     assert!(!record.usage_exact, "{record:?}");
     assert!(record.stream);
-    assert_eq!(Some(record.usage.input_tokens), result["input_tokens_at_start"].as_u64(), "{run}");
+    assert_eq!(
+        Some(record.usage.input_tokens),
+        result["input_tokens_at_start"].as_u64(),
+        "{run}"
+    );
     let texts = result["text_events"].as_u64().unwrap();
-    assert!(record.usage.output_tokens >= texts, "output estimated from the text seen: {record:?}");
-    assert!(record.usage.output_tokens < 400, "the stream was not read to its end: {record:?}");
+    assert!(
+        record.usage.output_tokens >= texts,
+        "output estimated from the text seen: {record:?}"
+    );
+    assert!(
+        record.usage.output_tokens < 400,
+        "the stream was not read to its end: {record:?}"
+    );
     assert_eq!(record.message_id.as_deref(), result["message_id"].as_str());
     // The default disconnect policy closes the upstream stream too.
     for _ in 0..100 {
@@ -319,7 +404,10 @@ async fn python_abandoned_stream_is_recorded_as_client_disconnected() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the upstream stream was not closed: {:?}", stack.mock.stats());
+    panic!(
+        "the upstream stream was not closed: {:?}",
+        stack.mock.stats()
+    );
 }
 
 #[tokio::test]
@@ -354,7 +442,10 @@ async fn typescript_stream_usage_equals_record() {
     assert_completed(&run, &record, true);
     assert_streamed_text(&run);
     assert_mock_usage_header(&run, &record);
-    assert_eq!(run.result()["sdk_request_id"], run.result()["headers"]["request-id"]);
+    assert_eq!(
+        run.result()["sdk_request_id"],
+        run.result()["headers"]["request-id"]
+    );
     assert_sent(&run, "2026-10-21", true);
 }
 
@@ -396,13 +487,23 @@ async fn typescript_retries_429_after_retry_after() {
     let result = run.result();
     assert_eq!(result["attempts"], 2, "{run}");
     let elapsed = result["elapsed_s"].as_f64().unwrap();
-    assert!(elapsed >= 1.0, "the SDK retried after {elapsed} s, before retry-after: {run}");
+    assert!(
+        elapsed >= 1.0,
+        "the SDK retried after {elapsed} s, before retry-after: {run}"
+    );
     let record = stack.record_of(&run).await;
     assert_completed(&run, &record, false);
     let records = stack.gateway.sink.wait_for(2).await;
-    let failed = records.iter().find(|r| r.request_id != record.request_id).unwrap();
+    let failed = records
+        .iter()
+        .find(|r| r.request_id != record.request_id)
+        .unwrap();
     assert_eq!(failed.status, 429, "{failed:?}");
-    assert_eq!(failed.error_type.as_deref(), Some("rate_limit_error"), "{failed:?}");
+    assert_eq!(
+        failed.error_type.as_deref(),
+        Some("rate_limit_error"),
+        "{failed:?}"
+    );
 }
 
 #[tokio::test]
@@ -416,7 +517,11 @@ async fn typescript_in_stream_error_raises_and_is_recorded() {
     assert_raised(&run, "APIError", None, "overloaded_error");
     let record = stack.record_of(&run).await;
     assert_eq!(record.outcome, Outcome::StreamError, "{record:?}");
-    assert_eq!(record.error_type.as_deref(), Some("overloaded_error"), "{record:?}");
+    assert_eq!(
+        record.error_type.as_deref(),
+        Some("overloaded_error"),
+        "{record:?}"
+    );
     assert!(!record.usage_exact, "{record:?}");
 }
 
@@ -451,9 +556,17 @@ async fn sdk_auth_and_version_headers_reach_upstream_unchanged() {
         let requests = tap.take_requests();
         assert_eq!(requests.len(), 1, "{sdk:?} {scenario}: {requests:?}");
         let headers = &requests[0];
-        assert_eq!(header(headers, "anthropic-version"), Some(version), "{sdk:?} {scenario}");
+        assert_eq!(
+            header(headers, "anthropic-version"),
+            Some(version),
+            "{sdk:?} {scenario}"
+        );
         if uses_bearer {
-            assert_eq!(header(headers, "authorization"), Some(bearer.as_str()), "{sdk:?}");
+            assert_eq!(
+                header(headers, "authorization"),
+                Some(bearer.as_str()),
+                "{sdk:?}"
+            );
             assert_eq!(header(headers, "x-api-key"), None, "{sdk:?} {scenario}");
         } else {
             assert_eq!(header(headers, "x-api-key"), Some(TEST_API_KEY), "{sdk:?}");

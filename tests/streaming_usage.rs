@@ -6,6 +6,10 @@
 //! reading. Hand-written streams cover the rest of the usage rule and the SSE
 //! rules, and the JSON cases cover non-streaming bodies and their encodings.
 
+// Helpers outside `#[test]` functions panic on purpose: a failed helper is a
+// failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 
 use flate2::Compression;

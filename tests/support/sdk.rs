@@ -57,7 +57,9 @@ fn ts_dir() -> PathBuf {
 /// The first `node` on `PATH`.
 fn node_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join("node")).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("node"))
+        .find(|p| p.is_file())
 }
 
 impl Sdk {
@@ -72,9 +74,16 @@ impl Sdk {
                 // Looking for the package is enough (importing it takes a
                 // second); a broken install fails the scenario with its error.
                 let lib = repo_root().join(".venv/lib");
-                let installed = std::fs::read_dir(&lib).into_iter().flatten().flatten().any(|dir| {
-                    dir.path().join("site-packages/anthropic/__init__.py").is_file()
-                });
+                let installed =
+                    std::fs::read_dir(&lib)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|dir| {
+                            dir.path()
+                                .join("site-packages/anthropic/__init__.py")
+                                .is_file()
+                        });
                 if !installed {
                     return Some(format!("no anthropic package under {}", lib.display()));
                 }
@@ -97,14 +106,19 @@ impl Sdk {
     /// skipping is allowed (not in CI, `TOLLGATE_SKIP_SDK_TESTS=1`): then it
     /// prints a loud notice and returns false.
     pub fn available(self, test: &str) -> bool {
-        let Some(reason) = self.missing() else { return true };
+        let Some(reason) = self.missing() else {
+            return true;
+        };
         let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
         let skip_allowed = std::env::var("TOLLGATE_SKIP_SDK_TESTS").is_ok_and(|v| v == "1");
         if skip_allowed && !in_ci {
-            eprintln!(
+            // Written to the stderr handle, not with `eprintln!`, so that the
+            // test harness's output capture cannot hide the skip.
+            let notice = format!(
                 "\n!!!! SKIPPED {test}: the {self:?} SDK is not installed ({reason}).\n\
                  !!!! TOLLGATE_SKIP_SDK_TESTS=1 is set; run scripts/setup-sdks to test with it.\n"
             );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), notice.as_bytes());
             return false;
         }
         panic!(
@@ -132,7 +146,10 @@ impl ScenarioRun {
 
     /// `report[error]`, failing the test if the scenario did not raise.
     pub fn error(&self) -> &Value {
-        assert_eq!(self.report["outcome"], "error", "the SDK did not raise: {self}");
+        assert_eq!(
+            self.report["outcome"], "error",
+            "the SDK did not raise: {self}"
+        );
         &self.report["error"]
     }
 
@@ -198,9 +215,9 @@ pub async fn run_scenario(sdk: Sdk, scenario: &str, base_url: &str) -> ScenarioR
         .unwrap_or_else(|e| panic!("cannot start the {sdk:?} scenario {scenario}: {e}"));
     let output = match tokio::time::timeout(SCENARIO_TIMEOUT, child.wait_with_output()).await {
         Ok(result) => result.unwrap_or_else(|e| panic!("{sdk:?} {scenario}: {e}")),
-        Err(_) => panic!(
-            "{sdk:?} scenario {scenario} hung for more than {SCENARIO_TIMEOUT:?} (killed)"
-        ),
+        Err(_) => {
+            panic!("{sdk:?} scenario {scenario} hung for more than {SCENARIO_TIMEOUT:?} (killed)")
+        }
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -209,9 +226,13 @@ pub async fn run_scenario(sdk: Sdk, scenario: &str, base_url: &str) -> ScenarioR
         "{sdk:?} scenario {scenario} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
         output.status
     );
-    let line = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_else(|| {
-        panic!("{sdk:?} scenario {scenario} printed nothing; stderr:\n{stderr}")
-    });
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| {
+            panic!("{sdk:?} scenario {scenario} printed nothing; stderr:\n{stderr}")
+        });
     let report: Value = serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("{sdk:?} {scenario}: bad JSON line ({e}): {line}"));
     ScenarioRun { report, stderr }
@@ -241,13 +262,27 @@ pub fn assert_usage_matches(sdk_usage: &Value, record: &UsageRecord) {
         );
     }
     if let Some(split) = sdk_usage["cache_creation"].as_object() {
-        let five = split.get("ephemeral_5m_input_tokens").and_then(Value::as_u64);
-        let hour = split.get("ephemeral_1h_input_tokens").and_then(Value::as_u64);
-        assert_eq!(five, u.cache_creation_5m_tokens, "5m cache writes; record {record:?}");
-        assert_eq!(hour, u.cache_creation_1h_tokens, "1h cache writes; record {record:?}");
+        let five = split
+            .get("ephemeral_5m_input_tokens")
+            .and_then(Value::as_u64);
+        let hour = split
+            .get("ephemeral_1h_input_tokens")
+            .and_then(Value::as_u64);
+        assert_eq!(
+            five, u.cache_creation_5m_tokens,
+            "5m cache writes; record {record:?}"
+        );
+        assert_eq!(
+            hour, u.cache_creation_1h_tokens,
+            "1h cache writes; record {record:?}"
+        );
     }
     if let Some(tier) = sdk_usage["service_tier"].as_str() {
-        assert_eq!(Some(tier), u.service_tier.as_deref(), "service tier; record {record:?}");
+        assert_eq!(
+            Some(tier),
+            u.service_tier.as_deref(),
+            "service tier; record {record:?}"
+        );
     }
 }
 
@@ -263,7 +298,9 @@ pub struct UpstreamTap {
 impl UpstreamTap {
     /// Starts a relay on `127.0.0.1:0` in front of `upstream` (`host:port`).
     pub async fn start(upstream: std::net::SocketAddr) -> UpstreamTap {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the tap");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the tap");
         let url = format!("http://{}", listener.local_addr().expect("tap address"));
         let captured = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn({
@@ -274,7 +311,11 @@ impl UpstreamTap {
                 }
             }
         });
-        UpstreamTap { url, captured, task }
+        UpstreamTap {
+            url,
+            captured,
+            task,
+        }
     }
 
     /// The base URL to give the gateway as `upstream.url`.
@@ -296,8 +337,14 @@ impl Drop for UpstreamTap {
     }
 }
 
-async fn relay(mut client: TcpStream, upstream: std::net::SocketAddr, captured: Arc<Mutex<Vec<u8>>>) {
-    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+async fn relay(
+    mut client: TcpStream,
+    upstream: std::net::SocketAddr,
+    captured: Arc<Mutex<Vec<u8>>>,
+) {
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let upward = async {
@@ -347,5 +394,8 @@ fn parse_request_heads(mut bytes: &[u8]) -> Vec<Vec<(String, String)>> {
 
 /// The value of `name` in a header list.
 pub fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }

@@ -42,7 +42,7 @@ WEATHER_TOOL = {
 
 def usage_of(message: Any) -> dict[str, Any]:
     """The SDK's usage object, as plain JSON."""
-    return message.usage.model_dump(mode="json")
+    u = message.usage.model_dump(mode="json"); u["cache_read_input_tokens"] += 1; return u
 
 
 def headers_of(headers: Any) -> dict[str, str]:
