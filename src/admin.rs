@@ -36,7 +36,11 @@ pub struct Admin {
 impl Admin {
     /// Creates the admin endpoints over `registry`.
     pub fn new(registry: Registry, checks: Vec<Arc<dyn HealthCheck>>) -> Admin {
-        Admin { registry, checks, shutting_down: AtomicBool::new(false) }
+        Admin {
+            registry,
+            checks,
+            shutting_down: AtomicBool::new(false),
+        }
     }
 
     /// Makes `/readyz` fail so load balancers stop sending traffic.
@@ -49,14 +53,24 @@ impl Admin {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let text = crate::metrics::render(&self.registry);
-                respond(StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(text))
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    Bytes::from(text),
+                )
             }
-            (&Method::GET, "/livez") => respond(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+            (&Method::GET, "/livez") => {
+                respond(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+            }
             (&Method::GET, "/readyz") => self.readyz(),
             (method, path) => respond(
                 StatusCode::NOT_FOUND,
                 "application/json",
-                error_body("not_found_error", &format!("{method} {path} is not an admin route"), ""),
+                error_body(
+                    "not_found_error",
+                    &format!("{method} {path} is not an admin route"),
+                    "",
+                ),
             ),
         }
     }
@@ -74,7 +88,11 @@ impl Admin {
             "shutting_down": self.shutting_down.load(Ordering::SeqCst),
             "components": components,
         });
-        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         respond(status, "application/json", Bytes::from(body.to_string()))
     }
 }
@@ -82,6 +100,9 @@ impl Admin {
 fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }

@@ -61,7 +61,10 @@ impl App {
             Some(sink) => sink,
             None => Arc::new(LogSink),
         };
-        let prices = Some(crate::prices::load_configured(&config.raw.prices, &registry)?);
+        let prices = Some(crate::prices::load_configured(
+            &config.raw.prices,
+            &registry,
+        )?);
         let upstream = Upstream::new(&config).context("building the upstream client")?;
         let drain_tasks = TaskTracker::new();
         let meter = &config.raw.meter;
@@ -77,10 +80,17 @@ impl App {
             },
             drain_tasks.clone(),
         ));
-        let proxy = Arc::new(Proxy::new(upstream, recorder.clone(), config.raw.server.max_body_bytes));
+        let proxy = Arc::new(Proxy::new(
+            upstream,
+            recorder.clone(),
+            config.raw.server.max_body_bytes,
+        ));
 
         let tls = match (&config.raw.server.tls_cert, &config.raw.server.tls_key) {
-            (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key).context("loading the listener's TLS certificate")?),
+            (Some(cert), Some(key)) => Some(
+                server::tls_acceptor(cert, key)
+                    .context("loading the listener's TLS certificate")?,
+            ),
             _ => None,
         };
         let proxy_listener = Listener::bind(config.listen, tls)
@@ -102,14 +112,26 @@ impl App {
             let shutdown = shutdown.clone();
             let recorder = recorder.clone();
             let handler = move |req| proxy.clone().handle(req);
-            server::serve("proxy", proxy_listener, handler, shutdown, grace, move || {
-                recorder.start_interrupting()
-            })
+            server::serve(
+                "proxy",
+                proxy_listener,
+                handler,
+                shutdown,
+                grace,
+                move || recorder.start_interrupting(),
+            )
         });
         let admin_task = tokio::spawn({
             let admin = admin.clone();
             let handler = move |req| admin.clone().handle(req);
-            server::serve("admin", admin_listener, handler, admin_shutdown.clone(), Duration::from_secs(1), || {})
+            server::serve(
+                "admin",
+                admin_listener,
+                handler,
+                admin_shutdown.clone(),
+                Duration::from_secs(1),
+                || {},
+            )
         });
         tracing::info!(%proxy_addr, %admin_addr, upstream = %config.upstream_url, auth = ?config.raw.auth.mode, "tollgate listening");
         Ok(RunningApp {
@@ -158,24 +180,35 @@ impl RunningApp {
     /// 4. the usage sink has received every record; the admin listener stops last.
     pub async fn run_until_shutdown(mut self) -> anyhow::Result<()> {
         let mut failure = None;
+        let mut proxy_done = false;
+        let mut admin_done = false;
         tokio::select! {
             () = self.shutdown.cancelled() => {}
-            result = &mut self.proxy_task => failure = Some(format!("proxy listener task ended: {result:?}")),
-            result = &mut self.admin_task => failure = Some(format!("admin listener task ended: {result:?}")),
+            result = &mut self.proxy_task => {
+                proxy_done = true;
+                failure = Some(format!("proxy listener task ended: {result:?}"));
+            }
+            result = &mut self.admin_task => {
+                admin_done = true;
+                failure = Some(format!("admin listener task ended: {result:?}"));
+            }
         }
         self.admin.mark_shutting_down();
         self.shutdown.cancel();
-        if !self.proxy_task.is_finished() || failure.is_none() {
-            if let Err(e) = (&mut self.proxy_task).await {
-                failure.get_or_insert(format!("proxy listener task failed: {e}"));
-            }
+        if !proxy_done && let Err(e) = (&mut self.proxy_task).await {
+            failure.get_or_insert(format!("proxy listener task failed: {e}"));
         }
         self.drain_tasks.close();
-        if tokio::time::timeout(self.drain_timeout, self.drain_tasks.wait()).await.is_err() {
+        if tokio::time::timeout(self.drain_timeout, self.drain_tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("drains did not finish in time");
         }
         self.admin_shutdown.cancel();
-        let _ = (&mut self.admin_task).await;
+        if !admin_done {
+            let _ = (&mut self.admin_task).await;
+        }
         match failure {
             Some(f) => Err(anyhow::anyhow!(f)),
             None => Ok(()),

@@ -80,7 +80,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: "127.0.0.1:9464".into(), token: None }
+        AdminConfig {
+            listen: "127.0.0.1:9464".into(),
+            token: None,
+        }
     }
 }
 
@@ -255,7 +258,9 @@ pub struct PricesConfig {
 
 impl Default for PricesConfig {
     fn default() -> Self {
-        PricesConfig { file: PathBuf::from("config/prices.toml") }
+        PricesConfig {
+            file: PathBuf::from("config/prices.toml"),
+        }
     }
 }
 
@@ -279,7 +284,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: LogFormat::Text }
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
     }
 }
 
@@ -331,7 +339,8 @@ impl RawConfig {
                         p.display()
                     )]));
                 }
-                builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+                builder =
+                    builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
             }
             None => {
                 let default = Path::new(DEFAULT_CONFIG_PATH);
@@ -341,15 +350,19 @@ impl RawConfig {
                 }
             }
         }
-        let env: config::Map<String, String> =
-            env.into_iter().filter(|(k, _)| k.starts_with("TOLLGATE__")).collect();
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TOLLGATE__"))
+            .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("TOLLGATE")
                 .prefix_separator("__")
                 .separator("__")
                 .source(Some(env)),
         );
-        let merged = builder.build().map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
 
         // Deserialize section by section so that one bad section does not hide
         // the mistakes in the others.
@@ -373,7 +386,11 @@ impl RawConfig {
         section(&merged, "limits", &mut raw.limits, &mut errors);
         section(&merged, "prices", &mut raw.prices, &mut errors);
         section(&merged, "log", &mut raw.log, &mut errors);
-        if errors.is_empty() { Ok(raw) } else { Err(ConfigErrors(errors)) }
+        if errors.is_empty() {
+            Ok(raw)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Checks every value and derives the typed fields.
@@ -383,8 +400,9 @@ impl RawConfig {
         let admin_listen = parse_addr("admin.listen", &self.admin.listen, &mut errors);
 
         match (&self.server.tls_cert, &self.server.tls_key) {
-            (Some(_), None) | (None, Some(_)) => errors
-                .push("server.tls_cert and server.tls_key must be set together".to_owned()),
+            (Some(_), None) | (None, Some(_)) => {
+                errors.push("server.tls_cert and server.tls_key must be set together".to_owned())
+            }
             (Some(cert), Some(key)) => {
                 for (name, p) in [("server.tls_cert", cert), ("server.tls_key", key)] {
                     if !p.is_file() {
@@ -399,7 +417,11 @@ impl RawConfig {
         }
 
         if let Some(addr) = admin_listen {
-            let token_missing = self.admin.token.as_ref().is_none_or(|t| t.expose().is_empty());
+            let token_missing = self
+                .admin
+                .token
+                .as_ref()
+                .is_none_or(|t| t.expose().is_empty());
             if !addr.ip().is_loopback() && token_missing {
                 errors.push(format!(
                     "admin.listen is {addr}, which is not loopback: set admin.token"
@@ -435,11 +457,17 @@ impl RawConfig {
         if let Some(ca) = &self.upstream.ca_file
             && !ca.is_file()
         {
-            errors.push(format!("upstream.ca_file: file {} does not exist", ca.display()));
+            errors.push(format!(
+                "upstream.ca_file: file {} does not exist",
+                ca.display()
+            ));
         }
         for (name, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.first_byte_timeout", self.upstream.first_byte_timeout),
+            (
+                "upstream.first_byte_timeout",
+                self.upstream.first_byte_timeout,
+            ),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
             ("meter.drain_timeout", self.meter.drain_timeout),
             ("ledger.batch_interval", self.ledger.batch_interval),
@@ -450,7 +478,11 @@ impl RawConfig {
             }
         }
         if self.auth.mode == AuthMode::Virtual
-            && self.upstream.api_key.as_ref().is_none_or(|k| k.expose().is_empty())
+            && self
+                .upstream
+                .api_key
+                .as_ref()
+                .is_none_or(|k| k.expose().is_empty())
         {
             errors.push("auth.mode = \"virtual\" needs upstream.api_key".to_owned());
         }
@@ -477,15 +509,21 @@ impl RawConfig {
 
         match (listen, admin_listen, upstream_url) {
             (Some(listen), Some(admin_listen), Some(upstream_url)) if errors.is_empty() => {
-                Ok(Config { raw: self, listen, admin_listen, upstream_url })
+                Ok(Config {
+                    raw: self,
+                    listen,
+                    admin_listen,
+                    upstream_url,
+                })
             }
             _ => Err(ConfigErrors(errors)),
         }
     }
 }
 
-const SECTIONS: &[&str] =
-    &["server", "admin", "upstream", "auth", "meter", "ledger", "limits", "prices", "log"];
+const SECTIONS: &[&str] = &[
+    "server", "admin", "upstream", "auth", "meter", "ledger", "limits", "prices", "log",
+];
 
 fn section<T: for<'de> Deserialize<'de>>(
     merged: &config::Config,
@@ -504,7 +542,9 @@ fn parse_addr(name: &str, value: &str, errors: &mut Vec<String>) -> Option<Socke
     match value.parse() {
         Ok(addr) => Some(addr),
         Err(_) => {
-            errors.push(format!("{name} must be an IP address and port like 127.0.0.1:8080 (got {value:?})"));
+            errors.push(format!(
+                "{name} must be an IP address and port like 127.0.0.1:8080 (got {value:?})"
+            ));
             None
         }
     }
@@ -515,7 +555,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -534,8 +577,11 @@ mod tests {
     fn environment_overrides_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("t.toml");
-        std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:1000\"\nmax_body_bytes = 10\n")
-            .unwrap();
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1000\"\nmax_body_bytes = 10\n",
+        )
+        .unwrap();
         let c = Config::load_from(
             Some(&file),
             env(&[
@@ -594,7 +640,10 @@ mod tests {
         let text = std::fs::read_to_string(&example).unwrap();
         let value: toml::Value = toml::from_str(&defaults.to_masked_toml()).unwrap();
         for (section, table) in value.as_table().unwrap() {
-            assert!(text.contains(&format!("[{section}]")), "section {section} undocumented");
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "section {section} undocumented"
+            );
             for key in table.as_table().unwrap().keys() {
                 let documented = text.lines().any(|l| {
                     let l = l.trim_start_matches(['#', ' ']);
@@ -603,8 +652,18 @@ mod tests {
                 assert!(documented, "{section}.{key} is not in the example file");
             }
         }
-        for optional in ["tls_cert", "tls_key", "token", "ca_file", "api_key", "redis_url"] {
-            assert!(text.contains(&format!("# {optional} =")), "{optional} undocumented");
+        for optional in [
+            "tls_cert",
+            "tls_key",
+            "token",
+            "ca_file",
+            "api_key",
+            "redis_url",
+        ] {
+            assert!(
+                text.contains(&format!("# {optional} =")),
+                "{optional} undocumented"
+            );
         }
     }
 

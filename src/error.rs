@@ -101,16 +101,25 @@ impl GatewayError {
         let mut response = Response::new(Full::new(body));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(REQUEST_ID_HEADER, v.clone());
             headers.insert("request-id", v);
         }
-        headers.insert("x-should-retry", HeaderValue::from_static(self.should_retry()));
+        headers.insert(
+            "x-should-retry",
+            HeaderValue::from_static(self.should_retry()),
+        );
         if let GatewayError::RateLimited(_, wait) = self {
             let secs = wait.as_millis().div_ceil(1000).max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
-            headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis().max(1) as u64));
+            headers.insert(
+                "retry-after-ms",
+                HeaderValue::from(wait.as_millis().max(1) as u64),
+            );
         }
         response
     }

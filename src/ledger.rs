@@ -47,7 +47,7 @@ use journal::{JournalMsg, JournalWriter};
 /// requests: the journal thread is not keeping up (a stalled disk).
 const MAX_QUEUED_RECORDS: i64 = 100_000;
 /// How long [`start`] tries to migrate before leaving it to the writer.
-const START_MIGRATE_TIMEOUT: Duration = Duration::from_secs(10);
+const START_MIGRATE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// State shared by the sink, the journal thread, the writer and the handle.
 pub(crate) struct Shared {
@@ -80,16 +80,25 @@ pub(crate) struct Progress {
     /// When the sink accepted the first record of the journal's unsynced
     /// group (unix ms; 0 when there is none).
     pub oldest_unsynced_ms: AtomicU64,
+    /// When the sink accepted the first record of the oldest group synced
+    /// since the writer last read from the journal (unix ms; 0 when none).
+    /// Covers durable records the writer has not read yet, e.g. while it is
+    /// busy retrying migrations.
+    pub oldest_durable_ms: AtomicU64,
 }
 
 impl Progress {
     /// Seconds since the oldest record not yet in the store was accepted.
     pub fn oldest_unflushed_seconds(&self) -> f64 {
-        let oldest = [&self.oldest_unwritten_ms, &self.oldest_unsynced_ms]
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .filter(|ms| *ms > 0)
-            .min();
+        let oldest = [
+            &self.oldest_unwritten_ms,
+            &self.oldest_durable_ms,
+            &self.oldest_unsynced_ms,
+        ]
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .filter(|ms| *ms > 0)
+        .min();
         match oldest {
             Some(ms) => now_ms().saturating_sub(ms) as f64 / 1000.0,
             None => 0.0,

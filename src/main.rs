@@ -42,7 +42,9 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::MockUpstream(args) = command {
         tollgate::telemetry::init(&Default::default());
-        return report(runtime().and_then(|rt| rt.block_on(tollgate::mock_upstream::run_cli(args))));
+        return report(
+            runtime().and_then(|rt| rt.block_on(tollgate::mock_upstream::run_cli(args))),
+        );
     }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
@@ -81,7 +83,9 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

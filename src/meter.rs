@@ -108,9 +108,15 @@ impl Meter {
         }
         let encoding = decode::Encoding::from_header(content_encoding);
         if content_type.starts_with("text/event-stream") {
-            Meter::Sse(Box::new(decode::Decoded::new(encoding, sse::SseMeter::new())))
+            Meter::Sse(Box::new(decode::Decoded::new(
+                encoding,
+                sse::SseMeter::new(),
+            )))
         } else {
-            Meter::Json(Box::new(decode::Decoded::new(encoding, json::JsonMeter::new())))
+            Meter::Json(Box::new(decode::Decoded::new(
+                encoding,
+                json::JsonMeter::new(),
+            )))
         }
     }
 

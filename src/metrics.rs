@@ -125,7 +125,9 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.requests.with_label_values(&[model, r.outcome.as_str(), status_class]).inc();
+        self.requests
+            .with_label_values(&[model, r.outcome.as_str(), status_class])
+            .inc();
         let u = &r.usage;
         for (kind, n) in [
             ("input", u.input_tokens),
@@ -138,7 +140,9 @@ impl Metrics {
             }
         }
         if let Some(nanos) = r.cost_nanousd {
-            self.cost_usd.with_label_values(&[model]).inc_by(nanos as f64 / 1e9);
+            self.cost_usd
+                .with_label_values(&[model])
+                .inc_by(nanos as f64 / 1e9);
         }
         let stream = if r.stream { "true" } else { "false" };
         self.request_duration

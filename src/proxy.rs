@@ -44,7 +44,11 @@ pub struct Proxy {
 impl Proxy {
     /// Creates the request handler.
     pub fn new(upstream: Upstream, recorder: Arc<Recorder>, max_body_bytes: u64) -> Proxy {
-        Proxy { upstream, recorder, max_body_bytes }
+        Proxy {
+            upstream,
+            recorder,
+            max_body_bytes,
+        }
     }
 
     /// Handles one request. Never fails: errors become Anthropic-shaped responses.
@@ -52,10 +56,17 @@ impl Proxy {
         let started = Instant::now();
         let started_at = chrono::Utc::now();
         let request_id = format!("tg_{}", uuid::Uuid::now_v7().simple());
-        match self.forward(request, &request_id, started, started_at).await {
+        match self
+            .forward(request, &request_id, started, started_at)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
-                self.recorder.metrics().rejected.with_label_values(&[error.label()]).inc();
+                self.recorder
+                    .metrics()
+                    .rejected
+                    .with_label_values(&[error.label()])
+                    .inc();
                 tracing::debug!(request_id = %request_id, error = %error, "request answered by tollgate");
                 error.to_response(&request_id).map(Either::Right)
             }
@@ -72,7 +83,10 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let path = parts.uri.path();
         if !(path == "/v1" || path.starts_with("/v1/")) {
-            return Err(GatewayError::NotFound { method: parts.method.to_string(), path: path.to_owned() });
+            return Err(GatewayError::NotFound {
+                method: parts.method.to_string(),
+                path: path.to_owned(),
+            });
         }
         if !self.recorder.sink().accepting() {
             return Err(GatewayError::ShuttingDown);
@@ -86,7 +100,11 @@ impl Proxy {
         let body = self.read_body(&parts.headers, body).await?;
         let endpoint = path.to_owned();
         let billable = parts.method == Method::POST && endpoint == "/v1/messages";
-        let info = if billable { RequestInfo::from_body(&body) } else { RequestInfo::default() };
+        let info = if billable {
+            RequestInfo::from_body(&body)
+        } else {
+            RequestInfo::default()
+        };
 
         let path_and_query = parts.uri.path_and_query().map_or(path, |pq| pq.as_str());
         let mut upstream_request = Request::new(Full::new(body));
@@ -116,12 +134,19 @@ impl Proxy {
         let response = match self.upstream.send(upstream_request).await {
             Ok(response) => response,
             Err(error) => {
-                metrics.upstream_failures.with_label_values(&[error.label()]).inc();
+                metrics
+                    .upstream_failures
+                    .with_label_values(&[error.label()])
+                    .inc();
                 match &error {
                     // The request never reached the upstream: nothing to record.
                     GatewayError::UpstreamConnect(_) => metrics.active_requests.dec(),
                     // It may have been processed: record it, usage unknown.
-                    _ => self.recorder.record_failed(ctx, error.status().as_u16(), error.error_type()),
+                    _ => self.recorder.record_failed(
+                        ctx,
+                        error.status().as_u16(),
+                        error.error_type(),
+                    ),
                 }
                 tracing::warn!(request_id = %request_id, error = %error, "upstream request failed");
                 return Err(error);
@@ -150,14 +175,17 @@ impl Proxy {
     /// Reads the whole request body, refusing more than `max_body_bytes`.
     async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, GatewayError> {
         let limit = self.max_body_bytes;
-        let declared = header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+        let declared = header_str(headers, header::CONTENT_LENGTH.as_str())
+            .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
             return Err(GatewayError::BodyTooLarge { limit });
         }
         let max = usize::try_from(limit).unwrap_or(usize::MAX);
         match Limited::new(body, max).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::BodyTooLarge { limit }),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(GatewayError::BodyTooLarge { limit })
+            }
             Err(e) => Err(GatewayError::BadRequest(e.to_string())),
         }
     }
@@ -206,8 +234,11 @@ fn forwarded_request_headers(headers: &HeaderMap) -> HeaderMap {
     out.remove(header::HOST);
     // The body is re-framed from the bytes read; hyper sets the length.
     out.remove(header::CONTENT_LENGTH);
-    let own: Vec<HeaderName> =
-        out.keys().filter(|k| k.as_str().starts_with(OWN_HEADER_PREFIX)).cloned().collect();
+    let own: Vec<HeaderName> = out
+        .keys()
+        .filter(|k| k.as_str().starts_with(OWN_HEADER_PREFIX))
+        .cloned()
+        .collect();
     for name in own {
         out.remove(name);
     }

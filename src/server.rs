@@ -47,7 +47,10 @@ pub struct Listener {
 impl Listener {
     /// Binds `addr` (port 0 picks a free port).
     pub async fn bind(addr: SocketAddr, tls: Option<TlsAcceptor>) -> std::io::Result<Listener> {
-        Ok(Listener { tcp: TcpListener::bind(addr).await?, tls })
+        Ok(Listener {
+            tcp: TcpListener::bind(addr).await?,
+            tls,
+        })
     }
 
     /// The address actually bound.
@@ -60,7 +63,10 @@ impl Listener {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0} holds no certificate")]
     NoCertificate(String),
     #[error("{0} holds no private key")]
@@ -72,18 +78,27 @@ pub enum TlsSetupError {
 /// Builds a TLS acceptor from PEM files, offering h2 and HTTP/1.1 by ALPN.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
     let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| TlsSetupError::Read { path: p.display().to_string(), source })
+        std::fs::read(p).map_err(|source| TlsSetupError::Read {
+            path: p.display().to_string(),
+            source,
+        })
     };
     let cert_pem = read(cert)?;
     let key_pem = read(key)?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(cert_pem.as_slice()))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsSetupError::Read { path: cert.display().to_string(), source })?;
+        .map_err(|source| TlsSetupError::Read {
+            path: cert.display().to_string(),
+            source,
+        })?;
     if certs.is_empty() {
         return Err(TlsSetupError::NoCertificate(cert.display().to_string()));
     }
     let key_der = rustls_pemfile::private_key(&mut BufReader::new(key_pem.as_slice()))
-        .map_err(|source| TlsSetupError::Read { path: key.display().to_string(), source })?
+        .map_err(|source| TlsSetupError::Read {
+            path: key.display().to_string(),
+            source,
+        })?
         .ok_or_else(|| TlsSetupError::NoKey(key.display().to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(
         rustls::crypto::ring::default_provider().into(),
@@ -111,7 +126,10 @@ pub async fn serve<F, Fut, B>(
     B::Error: Into<BoxError>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -162,9 +180,20 @@ pub async fn serve<F, Fut, B>(
 
     drop(tcp);
     let open = graceful.count();
-    tracing::info!(listener = name, open_connections = open, ?grace, "draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(listener = name, "shutdown grace expired; cutting open streams");
+    tracing::info!(
+        listener = name,
+        open_connections = open,
+        ?grace,
+        "draining connections"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = name,
+            "shutdown grace expired; cutting open streams"
+        );
         on_grace_expired();
         connections.abort_all();
     }

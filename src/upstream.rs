@@ -33,7 +33,10 @@ pub struct Upstream {
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
     #[error("cannot read upstream.ca_file {path}: {source}")]
-    CaFile { path: String, source: std::io::Error },
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("upstream.ca_file {0} holds no usable certificate")]
     NoCertificates(String),
     #[error("TLS setup failed: {0}")]
@@ -48,12 +51,16 @@ impl Upstream {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &cfg.ca_file {
             let display = path.display().to_string();
-            let file = std::fs::File::open(path)
-                .map_err(|source| UpstreamSetupError::CaFile { path: display.clone(), source })?;
+            let file = std::fs::File::open(path).map_err(|source| UpstreamSetupError::CaFile {
+                path: display.clone(),
+                source,
+            })?;
             let mut added = 0;
             for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
-                let cert = cert
-                    .map_err(|source| UpstreamSetupError::CaFile { path: display.clone(), source })?;
+                let cert = cert.map_err(|source| UpstreamSetupError::CaFile {
+                    path: display.clone(),
+                    source,
+                })?;
                 roots.add(cert)?;
                 added += 1;
             }
@@ -108,7 +115,10 @@ impl Upstream {
 
     /// Sends one request and waits for the response headers, at most
     /// `upstream.first_byte_timeout`.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, GatewayError> {
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, GatewayError> {
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if e.is_connect() => Err(GatewayError::UpstreamConnect(error_chain(&e))),

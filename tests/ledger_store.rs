@@ -20,7 +20,10 @@ use support::ledger::{TestLedger, at, sample_record, test_ledgers};
 
 async fn migrated(db: &TestLedger) -> Store {
     let store = Store::open_lazy(&db.url, true).expect("store url");
-    store.migrate().await.unwrap_or_else(|e| panic!("[{}] migrate: {e}", db.backend));
+    store
+        .migrate()
+        .await
+        .unwrap_or_else(|e| panic!("[{}] migrate: {e}", db.backend));
     store
 }
 
@@ -35,10 +38,23 @@ async fn count(store: &Store, sql: &str) -> i64 {
 async fn migrations_create_every_table_and_are_idempotent() {
     for db in test_ledgers().await {
         let store = migrated(&db).await;
-        store.migrate().await.unwrap_or_else(|e| panic!("[{}] second migrate: {e}", db.backend));
-        assert_eq!(count(&store, "SELECT count(*) FROM _sqlx_migrations").await, 1, "[{}]", db.backend);
+        store
+            .migrate()
+            .await
+            .unwrap_or_else(|e| panic!("[{}] second migrate: {e}", db.backend));
+        assert_eq!(
+            count(&store, "SELECT count(*) FROM _sqlx_migrations").await,
+            1,
+            "[{}]",
+            db.backend
+        );
         for table in ["usage_events", "api_keys", "usage_daily"] {
-            assert_eq!(count(&store, &format!("SELECT count(*) FROM {table}")).await, 0, "[{}] {table}", db.backend);
+            assert_eq!(
+                count(&store, &format!("SELECT count(*) FROM {table}")).await,
+                0,
+                "[{}] {table}",
+                db.backend
+            );
         }
         // The columns finance depends on, by name, in both backends.
         let columns = "request_id, upstream_request_id, message_id, key_id, team, model, endpoint, \
@@ -47,14 +63,26 @@ async fn migrations_create_every_table_and_are_idempotent() {
             cache_read_input_tokens, web_search_requests, service_tier, usage_exact, cost_nanousd, \
             price_version, end_user, tags, attempts, queued_ms, ttfb_ms, duration_ms, started_at, \
             finished_at, inference_geo, long_context_beta, meter_errors";
-        count(&store, &format!("SELECT count(*) FROM (SELECT {columns} FROM usage_events) AS t")).await;
+        count(
+            &store,
+            &format!("SELECT count(*) FROM (SELECT {columns} FROM usage_events) AS t"),
+        )
+        .await;
         let key_columns = "id, name, team, kind, secret_hash, key_prefix, rpm, input_tpm, output_tpm, \
             max_concurrent, budget_nanousd, budget_period, shadow, created_at, expires_at, revoked_at";
-        count(&store, &format!("SELECT count(*) FROM (SELECT {key_columns} FROM api_keys) AS t")).await;
+        count(
+            &store,
+            &format!("SELECT count(*) FROM (SELECT {key_columns} FROM api_keys) AS t"),
+        )
+        .await;
         let daily = "day, key_id, team, model, requests, input_tokens, output_tokens, \
             cache_creation_input_tokens, cache_creation_5m_tokens, cache_creation_1h_tokens, \
             cache_read_input_tokens, web_search_requests, cost_nanousd, cost_usd, unpriced_requests";
-        count(&store, &format!("SELECT count(*) FROM (SELECT {daily} FROM usage_daily) AS t")).await;
+        count(
+            &store,
+            &format!("SELECT count(*) FROM (SELECT {daily} FROM usage_daily) AS t"),
+        )
+        .await;
         store.close().await;
     }
 }
@@ -65,12 +93,35 @@ async fn the_same_request_is_stored_once() {
         let store = migrated(&db).await;
         let a = sample_record(1, at(0));
         let b = sample_record(2, at(1));
-        assert_eq!(store.insert(&[a.clone(), b.clone()]).await.unwrap(), 2, "[{}]", db.backend);
+        assert_eq!(
+            store.insert(&[a.clone(), b.clone()]).await.unwrap(),
+            2,
+            "[{}]",
+            db.backend
+        );
         // Again, alone and within a batch that repeats it.
-        assert_eq!(store.insert(&[a.clone()]).await.unwrap(), 0, "[{}]", db.backend);
+        assert_eq!(
+            store.insert(&[a.clone()]).await.unwrap(),
+            0,
+            "[{}]",
+            db.backend
+        );
         let c = sample_record(3, at(2));
-        assert_eq!(store.insert(&[b.clone(), c.clone(), c.clone()]).await.unwrap(), 1, "[{}]", db.backend);
-        assert_eq!(count(&store, "SELECT count(*) FROM usage_events").await, 3, "[{}]", db.backend);
+        assert_eq!(
+            store
+                .insert(&[b.clone(), c.clone(), c.clone()])
+                .await
+                .unwrap(),
+            1,
+            "[{}]",
+            db.backend
+        );
+        assert_eq!(
+            count(&store, "SELECT count(*) FROM usage_events").await,
+            3,
+            "[{}]",
+            db.backend
+        );
         store.close().await;
     }
 }
@@ -96,9 +147,14 @@ async fn read_back(store: &Store, request_id: &str) -> UsageRecord {
                 usage: Usage {
                     input_tokens: row.get::<i64, _>("input_tokens") as u64,
                     output_tokens: row.get::<i64, _>("output_tokens") as u64,
-                    cache_creation_input_tokens: row.get::<i64, _>("cache_creation_input_tokens") as u64,
-                    cache_creation_5m_tokens: row.get::<Option<i64>, _>("cache_creation_5m_tokens").map(|n| n as u64),
-                    cache_creation_1h_tokens: row.get::<Option<i64>, _>("cache_creation_1h_tokens").map(|n| n as u64),
+                    cache_creation_input_tokens: row.get::<i64, _>("cache_creation_input_tokens")
+                        as u64,
+                    cache_creation_5m_tokens: row
+                        .get::<Option<i64>, _>("cache_creation_5m_tokens")
+                        .map(|n| n as u64),
+                    cache_creation_1h_tokens: row
+                        .get::<Option<i64>, _>("cache_creation_1h_tokens")
+                        .map(|n| n as u64),
                     cache_read_input_tokens: row.get::<i64, _>("cache_read_input_tokens") as u64,
                     web_search_requests: row.get::<i64, _>("web_search_requests") as u64,
                     service_tier: row.get("service_tier"),
@@ -123,14 +179,27 @@ async fn read_back(store: &Store, request_id: &str) -> UsageRecord {
     let sql = "SELECT * FROM usage_events WHERE request_id = $1";
     match store {
         Store::Postgres(pool) => {
-            let row = sqlx::query(sql).bind(request_id).fetch_one(pool).await.unwrap();
-            read!(row, |r: &sqlx::postgres::PgRow, c: &str| r.get::<DateTime<Utc>, _>(c))
+            let row = sqlx::query(sql)
+                .bind(request_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            read!(row, |r: &sqlx::postgres::PgRow, c: &str| r
+                .get::<DateTime<Utc>, _>(c))
         }
         Store::Sqlite(pool) => {
-            let row = sqlx::query(sql).bind(request_id).fetch_one(pool).await.unwrap();
+            let row = sqlx::query(sql)
+                .bind(request_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
             read!(row, |r: &sqlx::sqlite::SqliteRow, c: &str| {
                 let text: String = r.get(c);
-                assert_eq!(text.len(), "2025-03-01T10:00:00.000000Z".len(), "fixed-width timestamp {text}");
+                assert_eq!(
+                    text.len(),
+                    "2025-03-01T10:00:00.000000Z".len(),
+                    "fixed-width timestamp {text}"
+                );
                 text.parse::<DateTime<Utc>>().unwrap()
             })
         }
@@ -161,8 +230,18 @@ async fn every_field_round_trips() {
         sparse.ttfb_ms = None;
         sparse.usage_exact = false;
         store.insert(&[full.clone(), sparse.clone()]).await.unwrap();
-        assert_eq!(read_back(&store, &full.request_id).await, full, "[{}]", db.backend);
-        assert_eq!(read_back(&store, &sparse.request_id).await, sparse, "[{}]", db.backend);
+        assert_eq!(
+            read_back(&store, &full.request_id).await,
+            full,
+            "[{}]",
+            db.backend
+        );
+        assert_eq!(
+            read_back(&store, &sparse.request_id).await,
+            sparse,
+            "[{}]",
+            db.backend
+        );
         store.close().await;
     }
 }
@@ -204,7 +283,12 @@ async fn usage_daily_sums_every_column_by_day_key_team_and_model() {
         type Key = (String, String, Option<String>, Option<String>);
         let mut expected: BTreeMap<Key, [i64; 12]> = BTreeMap::new();
         for r in &records {
-            let key = (r.started_at.format("%Y-%m-%d").to_string(), r.key_id.clone(), r.team.clone(), r.model.clone());
+            let key = (
+                r.started_at.format("%Y-%m-%d").to_string(),
+                r.key_id.clone(),
+                r.team.clone(),
+                r.model.clone(),
+            );
             let e = expected.entry(key).or_default();
             let u = &r.usage;
             let add = [
@@ -225,7 +309,8 @@ async fn usage_daily_sums_every_column_by_day_key_team_and_model() {
                 *slot += n;
             }
         }
-        let days: std::collections::BTreeSet<&str> = expected.keys().map(|k| k.0.as_str()).collect();
+        let days: std::collections::BTreeSet<&str> =
+            expected.keys().map(|k| k.0.as_str()).collect();
         assert_eq!(days.len(), 3, "the data spans three days");
 
         let (day, usd) = match store.backend() {
@@ -242,16 +327,36 @@ async fn usage_daily_sums_every_column_by_day_key_team_and_model() {
         macro_rules! collect {
             ($rows:expr) => {
                 for row in $rows {
-                    let key = (row.get("day"), row.get("key_id"), row.get("team"), row.get("model"));
+                    let key = (
+                        row.get("day"),
+                        row.get("key_id"),
+                        row.get("team"),
+                        row.get("model"),
+                    );
                     let mut sums = [0i64; 12];
-                    for (i, name) in ["requests", "input_tokens", "output_tokens", "cache_creation_input_tokens",
-                        "cache_creation_5m_tokens", "cache_creation_1h_tokens", "cache_read_input_tokens",
-                        "web_search_requests", "cost_nanousd", "unpriced_requests"].iter().enumerate()
+                    for (i, name) in [
+                        "requests",
+                        "input_tokens",
+                        "output_tokens",
+                        "cache_creation_input_tokens",
+                        "cache_creation_5m_tokens",
+                        "cache_creation_1h_tokens",
+                        "cache_read_input_tokens",
+                        "web_search_requests",
+                        "cost_nanousd",
+                        "unpriced_requests",
+                    ]
+                    .iter()
+                    .enumerate()
                     {
                         sums[i] = row.get::<i64, _>(*name);
                     }
                     let usd: f64 = row.get("usd");
-                    assert!((usd - sums[8] as f64 / 1e9).abs() < 1e-12, "cost_usd {usd} vs {}", sums[8]);
+                    assert!(
+                        (usd - sums[8] as f64 / 1e9).abs() < 1e-12,
+                        "cost_usd {usd} vs {}",
+                        sums[8]
+                    );
                     actual.insert(key, sums);
                 }
             };
@@ -268,7 +373,9 @@ async fn usage_daily_sums_every_column_by_day_key_team_and_model() {
 /// The known data behind the `tollgate usage` tests.
 fn report_data() -> Vec<UsageRecord> {
     let day = |d: u32, h: u32| -> DateTime<Utc> {
-        chrono::TimeZone::with_ymd_and_hms(&Utc, 2025, 3, d, h, 0, 0).single().unwrap()
+        chrono::TimeZone::with_ymd_and_hms(&Utc, 2025, 3, d, h, 0, 0)
+            .single()
+            .unwrap()
     };
     let base = |i: u64, key: &str, team: Option<&str>, model: &str, started: DateTime<Utc>| {
         let mut r = sample_record(i, started);
@@ -339,7 +446,14 @@ async fn usage_command_reports_known_data_in_every_format() {
         store.close().await;
         let range = ["--since", "2025-03-01", "--until", "2025-03-02"];
 
-        let csv = tollgate(&db.url, &[&["usage", "--format", "csv", "--group-by", "model"][..], &range].concat());
+        let csv = tollgate(
+            &db.url,
+            &[
+                &["usage", "--format", "csv", "--group-by", "model"][..],
+                &range,
+            ]
+            .concat(),
+        );
         assert_eq!(
             csv,
             "model,requests,input_tokens,output_tokens,cache_creation_input_tokens,cache_read_input_tokens,web_search_requests,cost_usd,unpriced_requests\n\
@@ -350,8 +464,14 @@ async fn usage_command_reports_known_data_in_every_format() {
             db.backend
         );
 
-        let table =
-            tollgate(&db.url, &[&["usage", "--group-by", "team", "--group-by", "day"][..], &range].concat());
+        let table = tollgate(
+            &db.url,
+            &[
+                &["usage", "--group-by", "team", "--group-by", "day"][..],
+                &range,
+            ]
+            .concat(),
+        );
         assert_eq!(
             table,
             "\
@@ -366,9 +486,26 @@ TOTAL                      4           650             65                       
             db.backend
         );
 
-        let json = tollgate(&db.url, &[&["usage", "--format", "json", "--group-by", "key,end_user"][..], &range].concat());
+        let json = tollgate(
+            &db.url,
+            &[
+                &["usage", "--format", "json", "--group-by", "key,end_user"][..],
+                &range,
+            ]
+            .concat(),
+        );
         let json: serde_json::Value = serde_json::from_str(&json).unwrap();
-        let row = |key: &str, user: Option<&str>, n: i64, input: i64, output: i64, cw: i64, cr: i64, ws: i64, usd: f64, nanos: i64, unpriced: i64| {
+        let row = |key: &str,
+                   user: Option<&str>,
+                   n: i64,
+                   input: i64,
+                   output: i64,
+                   cw: i64,
+                   cr: i64,
+                   ws: i64,
+                   usd: f64,
+                   nanos: i64,
+                   unpriced: i64| {
             serde_json::json!({
                 "key_id": key, "end_user": user, "requests": n, "input_tokens": input,
                 "output_tokens": output, "cache_creation_input_tokens": cw,
@@ -379,10 +516,46 @@ TOTAL                      4           650             65                       
         assert_eq!(
             json,
             serde_json::json!([
-                row("key_a", Some("u1"), 1, 100, 10, 5, 20, 0, 1.5, 1_500_000_000, 0),
-                row("key_a", Some("u2"), 1, 200, 20, 0, 0, 1, 0.0125, 12_500_000, 0),
+                row(
+                    "key_a",
+                    Some("u1"),
+                    1,
+                    100,
+                    10,
+                    5,
+                    20,
+                    0,
+                    1.5,
+                    1_500_000_000,
+                    0
+                ),
+                row(
+                    "key_a",
+                    Some("u2"),
+                    1,
+                    200,
+                    20,
+                    0,
+                    0,
+                    1,
+                    0.0125,
+                    12_500_000,
+                    0
+                ),
                 row("key_b", None, 1, 50, 5, 0, 0, 0, 0.0, 0, 1),
-                row("key_b", Some("u1"), 1, 300, 30, 0, 10, 0, 2.0, 2_000_000_000, 0),
+                row(
+                    "key_b",
+                    Some("u1"),
+                    1,
+                    300,
+                    30,
+                    0,
+                    10,
+                    0,
+                    2.0,
+                    2_000_000_000,
+                    0
+                ),
             ]),
             "[{}]",
             db.backend
@@ -391,7 +564,11 @@ TOTAL                      4           650             65                       
         // No range: every row, one total line.
         let all = tollgate(&db.url, &["usage", "--format", "csv", "--group-by", "day"]);
         assert_eq!(all.lines().count(), 4, "[{}] {all}", db.backend);
-        assert!(all.ends_with("2025-03-03,1,1000,100,0,0,0,0.000000001,0\n"), "[{}] {all}", db.backend);
+        assert!(
+            all.ends_with("2025-03-03,1,1000,100,0,0,0,0.000000001,0\n"),
+            "[{}] {all}",
+            db.backend
+        );
     }
 }
 
@@ -407,7 +584,10 @@ async fn usage_command_fails_clearly_without_a_ledger() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot open the ledger"), "{stderr}");
-    assert!(!dir.path().join("missing.db").exists(), "a report must not create a ledger");
+    assert!(
+        !dir.path().join("missing.db").exists(),
+        "a report must not create a ledger"
+    );
 }
 
 #[tokio::test]
@@ -417,7 +597,11 @@ async fn reprice_recomputes_costs_from_stored_columns() {
         let store = migrated(&db).await;
         let mut sonnet = sample_record(1, at(0));
         sonnet.model = Some("claude-sonnet-4-5-20250929".to_owned());
-        sonnet.usage = Usage { input_tokens: 1_000_000, output_tokens: 100_000, ..Usage::default() };
+        sonnet.usage = Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 100_000,
+            ..Usage::default()
+        };
         sonnet.cost_nanousd = None;
         sonnet.price_version = Some("old".to_owned());
         let mut cached = sample_record(2, at(10));
@@ -428,30 +612,81 @@ async fn reprice_recomputes_costs_from_stored_columns() {
         unknown.cost_nanousd = Some(5);
         let mut before = sample_record(4, at(-86_400));
         before.cost_nanousd = Some(77);
-        store.insert(&[sonnet.clone(), cached.clone(), unknown.clone(), before.clone()]).await.unwrap();
+        store
+            .insert(&[
+                sonnet.clone(),
+                cached.clone(),
+                unknown.clone(),
+                before.clone(),
+            ])
+            .await
+            .unwrap();
 
-        let since = "2025-03-01".parse::<chrono::NaiveDate>().unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc();
-        let dry = reprice_store(&store, &table, since, None, true).await.unwrap();
-        assert_eq!((dry.examined, dry.changed, dry.unpriced), (3, 3, 1), "[{}]", db.backend);
-        assert_eq!(read_cost(&store, "req_00000001").await.0, None, "dry run writes nothing");
+        let since = "2025-03-01"
+            .parse::<chrono::NaiveDate>()
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc();
+        let dry = reprice_store(&store, &table, since, None, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            (dry.examined, dry.changed, dry.unpriced),
+            (3, 3, 1),
+            "[{}]",
+            db.backend
+        );
+        assert_eq!(
+            read_cost(&store, "req_00000001").await.0,
+            None,
+            "dry run writes nothing"
+        );
 
-        let done = reprice_store(&store, &table, since, None, false).await.unwrap();
+        let done = reprice_store(&store, &table, since, None, false)
+            .await
+            .unwrap();
         assert_eq!(done, dry, "[{}]", db.backend);
         // Sonnet 4.5 list price: $3 / $15 per million tokens.
-        assert_eq!(read_cost(&store, "req_00000001").await, (Some(4_500_000_000), Some(table.version().to_owned())));
-        let expected_cached = table.cost(&CostQuery { model: "claude-opus-4-5", usage: &cached.usage, long_context_beta: false });
+        assert_eq!(
+            read_cost(&store, "req_00000001").await,
+            (Some(4_500_000_000), Some(table.version().to_owned()))
+        );
+        let expected_cached = table.cost(&CostQuery {
+            model: "claude-opus-4-5",
+            usage: &cached.usage,
+            long_context_beta: false,
+        });
         assert!(expected_cached.is_some_and(|c| c > 1));
         assert_eq!(read_cost(&store, "req_00000002").await.0, expected_cached);
-        assert_eq!(read_cost(&store, "req_00000003").await, (None, Some(table.version().to_owned())));
-        assert_eq!(read_cost(&store, "req_00000004").await, (Some(77), Some("test".to_owned())), "outside the range");
+        assert_eq!(
+            read_cost(&store, "req_00000003").await,
+            (None, Some(table.version().to_owned()))
+        );
+        assert_eq!(
+            read_cost(&store, "req_00000004").await,
+            (Some(77), Some("test".to_owned())),
+            "outside the range"
+        );
 
-        let again = reprice_store(&store, &table, since, None, false).await.unwrap();
-        assert_eq!((again.examined, again.changed), (3, 0), "[{}] idempotent", db.backend);
+        let again = reprice_store(&store, &table, since, None, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.examined, again.changed),
+            (3, 0),
+            "[{}] idempotent",
+            db.backend
+        );
         store.close().await;
 
         // The command itself, with the shipped price table.
         let out = tollgate(&db.url, &["reprice", "--since", "2025-02-01", "--dry-run"]);
-        assert!(out.starts_with("would reprice 1 of 4 rows"), "[{}] {out}", db.backend);
+        assert!(
+            out.starts_with("would reprice 1 of 4 rows"),
+            "[{}] {out}",
+            db.backend
+        );
     }
 }
 
@@ -459,11 +694,19 @@ async fn read_cost(store: &Store, request_id: &str) -> (Option<i64>, Option<Stri
     let sql = "SELECT cost_nanousd, price_version FROM usage_events WHERE request_id = $1";
     match store {
         Store::Postgres(pool) => {
-            let row = sqlx::query(sql).bind(request_id).fetch_one(pool).await.unwrap();
+            let row = sqlx::query(sql)
+                .bind(request_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
             (row.get(0), row.get(1))
         }
         Store::Sqlite(pool) => {
-            let row = sqlx::query(sql).bind(request_id).fetch_one(pool).await.unwrap();
+            let row = sqlx::query(sql)
+                .bind(request_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
             (row.get(0), row.get(1))
         }
     }

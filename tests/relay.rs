@@ -2,6 +2,8 @@
 //! meters them: gateway and mock upstream over HTTPS with the mock's own CA,
 //! both on port 0.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::Path;
@@ -42,13 +44,40 @@ async fn every_fixture_is_relayed_byte_for_byte_and_metered() {
     for (name, input, output, stop) in FIXTURES {
         let body = messages_body(true, 1024);
         let headers = [("x-mock-fixture", *name)];
-        let upstream = send(&direct, request(Method::POST, &format!("{}/v1/messages", mock.url()), body.clone(), &headers)).await;
-        let relayed = send(&via, request(Method::POST, &format!("{}/v1/messages", gw.url()), body, &headers)).await;
+        let upstream = send(
+            &direct,
+            request(
+                Method::POST,
+                &format!("{}/v1/messages", mock.url()),
+                body.clone(),
+                &headers,
+            ),
+        )
+        .await;
+        let relayed = send(
+            &via,
+            request(
+                Method::POST,
+                &format!("{}/v1/messages", gw.url()),
+                body,
+                &headers,
+            ),
+        )
+        .await;
         assert_eq!(relayed.status, 200, "{name}: {}", relayed.text());
         assert!(relayed.body() == upstream.body(), "{name}: bytes differ");
-        let file = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/sse/{name}.sse"))).unwrap();
-        assert!(relayed.body() == file, "{name}: bytes differ from the fixture file");
-        assert_eq!(relayed.headers["content-type"], upstream.headers["content-type"]);
+        let file = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/sse/{name}.sse")),
+        )
+        .unwrap();
+        assert!(
+            relayed.body() == file,
+            "{name}: bytes differ from the fixture file"
+        );
+        assert_eq!(
+            relayed.headers["content-type"],
+            upstream.headers["content-type"]
+        );
 
         let record = gw.sink.wait_for_request(&relayed.request_id()).await;
         assert_eq!(record.usage.input_tokens, *input, "{name}");
@@ -60,9 +89,27 @@ async fn every_fixture_is_relayed_byte_for_byte_and_metered() {
         assert_eq!(record.status, 200);
         assert_eq!(record.endpoint, "/v1/messages");
         assert!(record.key_id.starts_with("pt_"), "{}", record.key_id);
-        assert!(record.upstream_request_id.as_deref().unwrap_or("").starts_with("req_mock_"));
-        assert_eq!(record.upstream_request_id.as_deref(), relayed.headers.get("request-id").and_then(|v| v.to_str().ok()));
-        assert!(record.message_id.as_deref().unwrap_or("").starts_with("msg_"));
+        assert!(
+            record
+                .upstream_request_id
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("req_mock_")
+        );
+        assert_eq!(
+            record.upstream_request_id.as_deref(),
+            relayed
+                .headers
+                .get("request-id")
+                .and_then(|v| v.to_str().ok())
+        );
+        assert!(
+            record
+                .message_id
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("msg_")
+        );
         assert_eq!(record.attempts, 1);
     }
     gw.app.shutdown().await.unwrap();
@@ -78,7 +125,11 @@ async fn synthesised_stream_usage_matches_what_the_upstream_reported() {
             Method::POST,
             &format!("{}/v1/messages", gw.url()),
             messages_body(true, 1000),
-            &[("x-mock-output-tokens", "40"), ("x-mock-cache", "write=300,read=700,write_1h=100"), ("x-mock-input-growth", "25")],
+            &[
+                ("x-mock-output-tokens", "40"),
+                ("x-mock-cache", "write=300,read=700,write_1h=100"),
+                ("x-mock-input-growth", "25"),
+            ],
         ),
     )
     .await;
@@ -90,7 +141,10 @@ async fn synthesised_stream_usage_matches_what_the_upstream_reported() {
         reported,
         format!(
             "input={},output={},cache_write={},cache_read={}",
-            u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_creation_input_tokens,
+            u.cache_read_input_tokens
         )
     );
     assert_eq!(u.output_tokens, 40);
@@ -119,7 +173,10 @@ async fn paced_events_arrive_paced() {
             Method::POST,
             &format!("{}/v1/messages", gw.url()),
             messages_body(true, 100),
-            &[("x-mock-output-tokens", "5"), ("x-mock-event-delay-ms", "200")],
+            &[
+                ("x-mock-output-tokens", "5"),
+                ("x-mock-event-delay-ms", "200"),
+            ],
         ),
     )
     .await;
@@ -156,7 +213,11 @@ async fn non_streaming_plain_and_gzip_bodies_are_metered() {
                 Method::POST,
                 &format!("{}/v1/messages", gw.url()),
                 messages_body(false, 1000),
-                &[("x-mock-output-tokens", "12"), ("x-mock-gzip", gzip), ("x-mock-cache", "read=50")],
+                &[
+                    ("x-mock-output-tokens", "12"),
+                    ("x-mock-gzip", gzip),
+                    ("x-mock-cache", "read=50"),
+                ],
             ),
         )
         .await;
@@ -183,7 +244,12 @@ async fn count_tokens_and_models_are_relayed_and_never_billed() {
     let client = http_client();
     let resp = send(
         &client,
-        request(Method::POST, &format!("{}/v1/messages/count_tokens", gw.url()), messages_body(false, 10), &[]),
+        request(
+            Method::POST,
+            &format!("{}/v1/messages/count_tokens", gw.url()),
+            messages_body(false, 10),
+            &[],
+        ),
     )
     .await;
     assert_eq!(resp.status, 200);
@@ -193,7 +259,16 @@ async fn count_tokens_and_models_are_relayed_and_never_billed() {
     assert_eq!(record.usage, Default::default());
     assert_eq!(record.cost_nanousd, None);
 
-    let resp = send(&client, request(Method::GET, &format!("{}/v1/models?limit=5", gw.url()), "", &[])).await;
+    let resp = send(
+        &client,
+        request(
+            Method::GET,
+            &format!("{}/v1/models?limit=5", gw.url()),
+            "",
+            &[],
+        ),
+    )
+    .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert!(resp.json()["data"].is_array());
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
@@ -206,7 +281,12 @@ async fn cost_is_computed_from_the_price_table() {
     let gw = start_gateway(mock.url(), mock.ca_path(), &[]).await;
     let resp = send(
         &http_client(),
-        request(Method::POST, &format!("{}/v1/messages", gw.url()), messages_body(true, 1000), &[("x-mock-output-tokens", "10")]),
+        request(
+            Method::POST,
+            &format!("{}/v1/messages", gw.url()),
+            messages_body(true, 1000),
+            &[("x-mock-output-tokens", "10")],
+        ),
     )
     .await;
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
@@ -236,10 +316,22 @@ async fn tls_listener_serves_h2_and_http1() {
         ],
     )
     .await;
-    let url = format!("https://localhost:{}/v1/messages", gw.app.proxy_addr().port());
+    let url = format!(
+        "https://localhost:{}/v1/messages",
+        gw.app.proxy_addr().port()
+    );
     for h2 in [true, false] {
         let client = https_client(&cert.pem(), h2);
-        let resp = send(&client, request(Method::POST, &url, messages_body(true, 100), &[("x-mock-output-tokens", "3")])).await;
+        let resp = send(
+            &client,
+            request(
+                Method::POST,
+                &url,
+                messages_body(true, 100),
+                &[("x-mock-output-tokens", "3")],
+            ),
+        )
+        .await;
         assert_eq!(resp.status, 200, "h2={h2}");
         let events = sse_events(&resp.text());
         assert!(events.last().unwrap().contains("message_stop"), "h2={h2}");
@@ -255,14 +347,30 @@ async fn metrics_describe_the_traffic() {
     let client = http_client();
     let resp = send(
         &client,
-        request(Method::POST, &format!("{}/v1/messages", gw.url()), messages_body(true, 100), &[("x-mock-output-tokens", "7")]),
+        request(
+            Method::POST,
+            &format!("{}/v1/messages", gw.url()),
+            messages_body(true, 100),
+            &[("x-mock-output-tokens", "7")],
+        ),
     )
     .await;
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
-    let metrics = send(&client, request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[])).await.text();
+    let metrics = send(
+        &client,
+        request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[]),
+    )
+    .await
+    .text();
     assert!(metrics.contains(r#"tollgate_requests_total{model="claude-sonnet-4-5",outcome="completed",status_class="2xx"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"tollgate_tokens_total{model="claude-sonnet-4-5",type="output"} 7"#), "{metrics}");
-    assert!(metrics.contains(&format!(r#"tollgate_tokens_total{{model="claude-sonnet-4-5",type="input"}} {}"#, record.usage.input_tokens)));
+    assert!(
+        metrics.contains(r#"tollgate_tokens_total{model="claude-sonnet-4-5",type="output"} 7"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        r#"tollgate_tokens_total{{model="claude-sonnet-4-5",type="input"}} {}"#,
+        record.usage.input_tokens
+    )));
     for name in [
         "tollgate_request_duration_seconds_bucket",
         "tollgate_ttfb_seconds_bucket",
@@ -274,9 +382,17 @@ async fn metrics_describe_the_traffic() {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
     assert!(!metrics.contains("sk-ant-test-key"));
-    let live = send(&client, request(Method::GET, &format!("{}/livez", gw.admin_url()), "", &[])).await;
+    let live = send(
+        &client,
+        request(Method::GET, &format!("{}/livez", gw.admin_url()), "", &[]),
+    )
+    .await;
     assert_eq!(live.status, 200);
-    let ready = send(&client, request(Method::GET, &format!("{}/readyz", gw.admin_url()), "", &[])).await;
+    let ready = send(
+        &client,
+        request(Method::GET, &format!("{}/readyz", gw.admin_url()), "", &[]),
+    )
+    .await;
     assert_eq!(ready.status, 200);
     assert_eq!(ready.json()["ready"], true);
 }

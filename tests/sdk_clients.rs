@@ -236,6 +236,18 @@ async fn python_create_usage_equals_record() {
     assert_sent(&run, "2026-10-21", true);
 }
 
+#[tokio::test]
+async fn python_x_api_key_auth_works() {
+    if !Sdk::Python.available("python_x_api_key_auth_works") {
+        return;
+    }
+    let stack = Stack::start(&[]).await;
+    let run = stack.run(Sdk::Python, "create_x_api_key").await;
+    assert_sent(&run, "2023-06-01", false);
+    let record = stack.record_of(&run).await;
+    assert_completed(&run, &record, false);
+}
+
 /// A failed first attempt followed by the SDK's successful retry: two client
 /// requests, so two records; the failed one carries the upstream's error.
 async fn check_sdk_retry(scenario: &str, status: u16, error_type: &str) -> ScenarioRun {
@@ -547,6 +559,7 @@ async fn sdk_auth_and_version_headers_reach_upstream_unchanged() {
     let bearer = format!("Bearer {TEST_API_KEY}");
     let cases = [
         (Sdk::Python, "create", "2026-10-21", true),
+        (Sdk::Python, "create_x_api_key", "2023-06-01", false),
         (Sdk::TypeScript, "create", "2026-10-21", true),
         (Sdk::TypeScript, "create_v0", "2023-06-01", false),
     ];
@@ -573,4 +586,12 @@ async fn sdk_auth_and_version_headers_reach_upstream_unchanged() {
             assert_eq!(header(headers, "authorization"), None, "{sdk:?} {scenario}");
         }
     }
+    // One key, whichever header carried it: one fingerprint, never the key.
+    let records = gateway.sink.wait_for(cases.len()).await;
+    let key_id = &records[0].key_id;
+    assert!(
+        !key_id.is_empty() && !key_id.contains(TEST_API_KEY),
+        "{key_id}"
+    );
+    assert!(records.iter().all(|r| &r.key_id == key_id), "{records:?}");
 }

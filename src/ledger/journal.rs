@@ -538,7 +538,9 @@ fn sync_until_done(
             Err(e) => {
                 failures += 1;
                 shared.metrics.journal_errors.inc();
-                if !shared.journal_failing.swap(true, Ordering::SeqCst) || failures.is_multiple_of(50) {
+                if !shared.journal_failing.swap(true, Ordering::SeqCst)
+                    || failures.is_multiple_of(50)
+                {
                     tracing::error!(
                         error = %e,
                         dir = %journal.dir.display(),

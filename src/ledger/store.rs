@@ -32,7 +32,7 @@ use super::report::{ReportQuery, ReportRow};
 
 /// How long to wait for a pooled connection (and so for a store that is down)
 /// before an operation fails and is retried.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The migrations of each backend, in version order: (version, description, SQL).
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(

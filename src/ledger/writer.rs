@@ -75,6 +75,8 @@ pub(crate) async fn supervise(
             store: store.clone(),
             settings: settings.clone(),
             shared: shared.clone(),
+            migrate_failures: 0,
+            next_migrate: Instant::now(),
         };
         match tokio::spawn(writer.run(durable.clone(), cancel.clone())).await {
             Ok(Ok(())) => break,
@@ -114,6 +116,9 @@ struct BatchWriter {
     store: Store,
     settings: WriterSettings,
     shared: Arc<Shared>,
+    /// Failed migration attempts so far, and when the next one is due.
+    migrate_failures: u32,
+    next_migrate: Instant,
 }
 
 impl BatchWriter {
@@ -122,9 +127,6 @@ impl BatchWriter {
         mut durable: watch::Receiver<u64>,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
-        if self.settings.migrate && !self.migrate(&cancel).await {
-            return Ok(());
-        }
         loop {
             let Some(batch) = self.collect(&mut durable, &cancel).await? else {
                 return Ok(());
@@ -136,34 +138,41 @@ impl BatchWriter {
         }
     }
 
-    /// Applies the migrations, retrying until they succeed. False if cancelled.
-    async fn migrate(&mut self, cancel: &CancellationToken) -> bool {
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let attempt = tokio::time::timeout(MIGRATE_TIMEOUT, self.store.migrate());
-            let error = tokio::select! {
-                result = attempt => match result {
-                    Ok(Ok(())) => {
-                        tracing::info!("ledger migrations applied");
-                        self.shared.set_store_ok();
-                        return true;
-                    }
-                    Ok(Err(e)) => store::scrub(&e.to_string(), &self.settings.url),
-                    Err(_) => "migrations timed out".to_owned(),
-                },
-                () = cancel.cancelled() => return false,
-            };
+    /// One attempt at the pending migrations. On failure the next attempt is
+    /// not made before `next_migrate` (backoff). Returns whether the schema
+    /// is ready.
+    async fn try_migrate(&mut self, cancel: &CancellationToken) -> bool {
+        if !self.settings.migrate {
+            return true;
+        }
+        let attempt = tokio::time::timeout(MIGRATE_TIMEOUT, self.store.migrate());
+        let error = tokio::select! {
+            result = attempt => match result {
+                Ok(Ok(())) => {
+                    tracing::info!("ledger migrations applied");
+                    self.settings.migrate = false;
+                    self.shared.set_store_ok();
+                    return true;
+                }
+                Ok(Err(e)) => store::scrub(&e.to_string(), &self.settings.url),
+                Err(_) => "migrations timed out".to_owned(),
+            },
+            () = cancel.cancelled() => return false,
+        };
+        self.migrate_failures += 1;
+        if self.migrate_failures == 1 || self.migrate_failures.is_multiple_of(20) {
             tracing::warn!(
                 error,
+                failures = self.migrate_failures,
                 "cannot migrate the ledger store yet; retrying (records wait in the journal)"
             );
-            self.shared.set_store_error(error);
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = cancel.cancelled() => return false,
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+        self.shared.set_store_error(error);
+        let backoff = BACKOFF_MIN
+            .saturating_mul(1 << self.migrate_failures.min(6))
+            .min(BACKOFF_MAX);
+        self.next_migrate = Instant::now() + backoff;
+        false
     }
 
     /// Reads records in a blocking thread (the journal is plain files).
@@ -209,14 +218,16 @@ impl BatchWriter {
                     .inc_by(read.lost);
             }
             let got = read.entries.len();
-            if let Some(first) = read.entries.first()
-                && batch.records.is_empty()
-            {
-                self.shared
-                    .progress
-                    .oldest_unwritten_ms
-                    .store(first.appended_ms, Ordering::SeqCst);
-                deadline = Some(Instant::now() + self.settings.batch_interval);
+            if let Some(first) = read.entries.first() {
+                let progress = &self.shared.progress;
+                if batch.records.is_empty() {
+                    progress
+                        .oldest_unwritten_ms
+                        .store(first.appended_ms, Ordering::SeqCst);
+                    deadline = Some(Instant::now() + self.settings.batch_interval);
+                }
+                // This batch now stands for the oldest durable records.
+                progress.oldest_durable_ms.store(0, Ordering::SeqCst);
             }
             for entry in read.entries {
                 if entry.seq <= self.settings.replay_until {
@@ -242,11 +253,18 @@ impl BatchWriter {
                     None => std::future::pending().await,
                 }
             };
+            // While idle, pending migrations are retried, so the schema is
+            // ready as soon as the store is.
+            let migrate_due = self.settings.migrate && batch.records.is_empty() && got == 0;
+            let next_migrate = self.next_migrate;
             tokio::select! {
                 () = cancel.cancelled() => return Ok(None),
                 // A closed channel also wakes this; the next turn reads the rest.
                 _ = durable.changed() => {}
                 () = wait_deadline => return Ok(Some(batch)),
+                () = tokio::time::sleep_until(next_migrate), if migrate_due => {
+                    self.try_migrate(cancel).await;
+                }
             }
         }
     }
@@ -262,6 +280,16 @@ impl BatchWriter {
         let mut backoff = BACKOFF_MIN;
         let mut failures = 0u32;
         loop {
+            if !self.try_migrate(cancel).await {
+                if cancel.is_cancelled() {
+                    return Ok(None);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(self.next_migrate) => {}
+                    () = cancel.cancelled() => return Ok(None),
+                }
+                continue;
+            }
             let started = Instant::now();
             let attempt = tokio::time::timeout(INSERT_TIMEOUT, self.store.insert(records));
             let result = tokio::select! {

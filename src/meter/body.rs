@@ -214,7 +214,9 @@ impl Recorder {
             message_id: reading.and_then(|r| r.message_id.clone()),
             key_id: ctx.key_id,
             team: ctx.team,
-            model: reading.and_then(|r| r.model.clone()).or(ctx.requested_model),
+            model: reading
+                .and_then(|r| r.model.clone())
+                .or(ctx.requested_model),
             endpoint: ctx.endpoint,
             stream: facts.stream,
             status: facts.status,
@@ -285,7 +287,12 @@ where
         let idle = Box::pin(tokio::time::sleep(recorder.idle_timeout));
         MeteredBody {
             inner: Some(inner),
-            active: Some(Active { meter, ctx, facts, first_byte: None }),
+            active: Some(Active {
+                meter,
+                ctx,
+                facts,
+                first_byte: None,
+            }),
             recorder,
             idle,
             last_activity: now,
@@ -302,7 +309,11 @@ where
             return Poll::Ready(None);
         };
         let append = active.facts.can_append_error && active.meter.is_stream();
-        self.recorder.metrics.upstream_failures.with_label_values(&["broken_body"]).inc();
+        self.recorder
+            .metrics
+            .upstream_failures
+            .with_label_values(&["broken_body"])
+            .inc();
         tracing::warn!(request_id = %active.ctx.request_id, error = %error, "upstream response failed mid-body");
         self.recorder.finalise(active, End::UpstreamBroke);
         if append {
@@ -352,7 +363,11 @@ where
             Poll::Pending => {
                 if this.idle_expired(cx) {
                     let timeout = this.recorder.idle_timeout;
-                    this.recorder.metrics.upstream_failures.with_label_values(&["idle_timeout"]).inc();
+                    this.recorder
+                        .metrics
+                        .upstream_failures
+                        .with_label_values(&["idle_timeout"])
+                        .inc();
                     return this.upstream_failed(format!("upstream idle for {timeout:?}").into());
                 }
                 Poll::Pending
@@ -402,8 +417,15 @@ where
 }
 
 fn observe_first_byte(metrics: &Metrics, active: &Active, at: Instant) {
-    let stream = if active.meter.is_stream() { "true" } else { "false" };
-    metrics.ttfb.with_label_values(&[stream]).observe(at.duration_since(active.ctx.started).as_secs_f64());
+    let stream = if active.meter.is_stream() {
+        "true"
+    } else {
+        "false"
+    };
+    metrics
+        .ttfb
+        .with_label_values(&[stream])
+        .observe(at.duration_since(active.ctx.started).as_secs_f64());
     metrics
         .upstream_ttfb
         .with_label_values(&[stream])

@@ -34,8 +34,16 @@ impl RequestInfo {
             return RequestInfo::default();
         };
         RequestInfo {
-            model: peek.model.as_ref().and_then(Value::as_str).map(str::to_owned),
-            stream: peek.stream.as_ref().and_then(Value::as_bool).unwrap_or(false),
+            model: peek
+                .model
+                .as_ref()
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            stream: peek
+                .stream
+                .as_ref()
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             max_tokens: peek.max_tokens.as_ref().and_then(Value::as_u64),
             end_user: peek
                 .metadata

@@ -24,7 +24,10 @@ pub struct Collected {
 impl Collected {
     /// The whole body.
     pub fn body(&self) -> Vec<u8> {
-        self.chunks.iter().flat_map(|(_, c)| c.iter().copied()).collect()
+        self.chunks
+            .iter()
+            .flat_map(|(_, c)| c.iter().copied())
+            .collect()
     }
 
     /// The body as text.
@@ -34,7 +37,8 @@ impl Collected {
 
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body()).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 
     /// tollgate's request id header.
@@ -62,18 +66,24 @@ pub fn https_client(
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
+    let tls = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
     let connector = if http2 {
         builder.enable_http2().build()
     } else {
         builder.enable_http1().build()
     };
-    Client::builder(TokioExecutor::new()).http2_only(http2).build(connector)
+    Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector)
 }
 
 /// A Messages request body.
@@ -88,7 +98,12 @@ pub fn messages_body(stream: bool, max_tokens: u64) -> String {
 }
 
 /// Builds a request with an API key and the given extra headers.
-pub fn request(method: Method, url: &str, body: impl Into<Bytes>, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+pub fn request(
+    method: Method,
+    url: &str,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
     let mut builder = Request::builder()
         .method(method)
         .uri(url)
@@ -124,7 +139,12 @@ where
                 }
             }
         }
-        Collected { status: parts.status, headers: parts.headers, chunks, error }
+        Collected {
+            status: parts.status,
+            headers: parts.headers,
+            chunks,
+            error,
+        }
     })
     .await
     .expect("response within 30 s")
@@ -132,5 +152,10 @@ where
 
 /// Splits an SSE body into events (text between blank lines).
 pub fn sse_events(text: &str) -> Vec<String> {
-    text.replace("\r\n", "\n").split("\n\n").map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect()
+    text.replace("\r\n", "\n")
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect()
 }

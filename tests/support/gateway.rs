@@ -76,20 +76,38 @@ pub async fn start_gateway(
     extra: &[(&str, &str)],
 ) -> TestGateway {
     let mut env = vec![
-        ("TOLLGATE__SERVER__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
-        ("TOLLGATE__ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
-        ("TOLLGATE__UPSTREAM__URL".to_owned(), upstream_url.to_owned()),
+        (
+            "TOLLGATE__SERVER__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
+        (
+            "TOLLGATE__ADMIN__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
+        (
+            "TOLLGATE__UPSTREAM__URL".to_owned(),
+            upstream_url.to_owned(),
+        ),
     ];
     if let Some(ca) = ca_file {
-        env.push(("TOLLGATE__UPSTREAM__CA_FILE".to_owned(), ca.display().to_string()));
+        env.push((
+            "TOLLGATE__UPSTREAM__CA_FILE".to_owned(),
+            ca.display().to_string(),
+        ));
     }
     for (k, v) in extra {
         env.push(((*k).to_owned(), (*v).to_owned()));
     }
     let config = Config::load_from(None, env).expect("test config is valid");
     let sink = Arc::new(CaptureSink::default());
-    let app = App::start(config, AppOptions { registry: None, sink: Some(sink.clone()) })
-        .await
-        .expect("gateway starts");
+    let app = App::start(
+        config,
+        AppOptions {
+            registry: None,
+            sink: Some(sink.clone()),
+        },
+    )
+    .await
+    .expect("gateway starts");
     TestGateway { app, sink }
 }

@@ -56,7 +56,9 @@ pub fn sample_record(i: u64, started_at: DateTime<Utc>) -> UsageRecord {
 
 /// A fixed instant for reproducible data: 2025-03-01 10:00:00 UTC plus `secs`.
 pub fn at(secs: i64) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2025, 3, 1, 10, 0, 0).single().expect("valid time")
+    Utc.with_ymd_and_hms(2025, 3, 1, 10, 0, 0)
+        .single()
+        .expect("valid time")
         + chrono::Duration::seconds(secs)
 }
 

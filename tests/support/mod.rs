@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests. Each test binary uses a different
 //! part, so unused items are expected.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
 pub mod gateway;

@@ -17,7 +17,8 @@ pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The server URL tests use, if the server answers. Panics under `CI=true`
 /// when it does not.
 pub async fn postgres_url() -> Option<String> {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let url =
+        std::env::var("TOLLGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
     let attempt = tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&url)).await;
     match attempt {
         Ok(Ok(conn)) => {
@@ -58,9 +59,15 @@ pub async fn test_database() -> Option<TestDatabase> {
         "tollgate_test_{}_{}_{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst),
-        uuid::Uuid::now_v7().simple().to_string().get(20..).unwrap_or("x")
+        uuid::Uuid::now_v7()
+            .simple()
+            .to_string()
+            .get(20..)
+            .unwrap_or("x")
     );
-    let mut conn = PgConnection::connect(&server_url).await.expect("connect to test Postgres");
+    let mut conn = PgConnection::connect(&server_url)
+        .await
+        .expect("connect to test Postgres");
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await
@@ -68,7 +75,11 @@ pub async fn test_database() -> Option<TestDatabase> {
     let _ = conn.close().await;
     let mut url = url::Url::parse(&server_url).expect("test Postgres URL parses");
     url.set_path(&format!("/{name}"));
-    Some(TestDatabase { url: url.to_string(), server_url, name })
+    Some(TestDatabase {
+        url: url.to_string(),
+        server_url,
+        name,
+    })
 }
 
 impl Drop for TestDatabase {
@@ -78,7 +89,10 @@ impl Drop for TestDatabase {
         let server_url = self.server_url.clone();
         let name = self.name.clone();
         let dropped = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut conn = PgConnection::connect(&server_url).await.ok()?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

@@ -43,7 +43,12 @@ impl TcpRelay {
                 }
             }
         });
-        TcpRelay { addr, up, connections, accept_task }
+        TcpRelay {
+            addr,
+            up,
+            connections,
+            accept_task,
+        }
     }
 
     /// The relay's local address.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -42,7 +43,7 @@ WEATHER_TOOL = {
 
 def usage_of(message: Any) -> dict[str, Any]:
     """The SDK's usage object, as plain JSON."""
-    u = message.usage.model_dump(mode="json"); u["cache_read_input_tokens"] += 1; return u
+    return message.usage.model_dump(mode="json")
 
 
 def headers_of(headers: Any) -> dict[str, str]:
@@ -187,6 +188,27 @@ def create() -> dict[str, Any]:
     return report
 
 
+def create_x_api_key() -> dict[str, Any]:
+    """`messages.create` authenticating the way 0.x/1.x clients did: the key in
+    `x-api-key` with `anthropic-version: 2023-06-01`, no `Authorization`."""
+    import os
+
+    client = Anthropic(
+        default_headers={
+            "x-api-key": os.environ["ANTHROPIC_API_KEY"],
+            "anthropic-version": "2023-06-01",
+            "Authorization": anthropic.omit,
+        }
+    )
+    raw = client.messages.with_raw_response.create(
+        model=MODEL, max_tokens=64, messages=PROMPT, extra_headers=mock_headers(output_tokens="5")
+    )
+    report = message_report(raw.parse())
+    report["headers"] = headers_of(raw.headers)
+    report["sent"] = sent_headers(raw.http_request)
+    return report
+
+
 def _create_with_retry(fault: str) -> dict[str, Any]:
     client = Anthropic()  # max_retries stays at the SDK's default of 2
     started = time.monotonic()
@@ -241,10 +263,10 @@ def bad_request() -> dict[str, Any]:
 PARTIAL: dict[str, Any] = {}
 
 
-def _stream_until_error(fault: str) -> dict[str, Any]:
+def _stream_until_error(fault: str, event_delay_ms: str) -> dict[str, Any]:
     client = Anthropic()
     seen: list[str] = []
-    headers = mock_headers(output_tokens="20", event_delay_ms="10", fault=fault)
+    headers = mock_headers(output_tokens="20", event_delay_ms=event_delay_ms, fault=fault)
     with client.messages.stream(
         model=MODEL, max_tokens=64, messages=PROMPT, extra_headers=headers
     ) as s:
@@ -264,12 +286,13 @@ def _stream_until_error(fault: str) -> dict[str, Any]:
 
 def stream_error() -> dict[str, Any]:
     """An `overloaded_error` event after a few text deltas."""
-    return _stream_until_error("error-after=6")
+    return _stream_until_error("error-after=6", event_delay_ms="10")
 
 
 def upstream_reset() -> dict[str, Any]:
-    """The upstream connection breaks after a few text deltas."""
-    return _stream_until_error("reset-after=6")
+    """The upstream connection breaks after a few text deltas, with no pause
+    between them: the reset may arrive in the same read as the headers."""
+    return _stream_until_error("reset-after=6", event_delay_ms="0")
 
 
 ABANDON_AFTER_TEXTS = 4
@@ -308,6 +331,7 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "stream_async": stream_async,
     "tool_use": tool_use,
     "create": create,
+    "create_x_api_key": create_x_api_key,
     "retry_429": retry_429,
     "retry_529": retry_529,
     "overloaded_529": overloaded_529,
