@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::record::{LogSink, SharedSink};
 use crate::server::{self, Listener};
-use crate::upstream::Upstream;
+use crate::upstream::{RetryPolicy, Upstream};
 
 /// Optional parts a test (or embedder) can supply instead of the defaults.
 #[derive(Default)]
@@ -80,8 +80,13 @@ impl App {
             },
             drain_tasks.clone(),
         ));
+        let retry = RetryPolicy::new(
+            config.raw.upstream.max_retries,
+            config.raw.upstream.retry_budget,
+        );
         let proxy = Arc::new(Proxy::new(
             upstream,
+            retry,
             recorder.clone(),
             config.raw.server.max_body_bytes,
         ));

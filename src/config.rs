@@ -99,6 +99,9 @@ pub struct UpstreamConfig {
     pub api_key: Option<Secret<String>>,
     /// Retries before any response byte reached the client.
     pub max_retries: u32,
+    /// Total time one request may spend waiting between upstream attempts.
+    #[serde(with = "humantime_serde")]
+    pub retry_budget: Duration,
     /// TCP + TLS connect timeout.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -122,6 +125,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             api_key: None,
             max_retries: 2,
+            retry_budget: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
@@ -227,7 +231,19 @@ pub enum LimitsBackend {
     Redis,
 }
 
-/// `[limits]`.
+/// What the Redis backend does while Redis is unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailure {
+    /// Keep serving under this replica's own (local) limits.
+    #[default]
+    Open,
+    /// Refuse requests (503) until Redis answers again.
+    Closed,
+}
+
+/// `[limits]`: rate limits per key (defaults; keys may override them), an
+/// optional global limit over all keys, and where their state lives.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -236,6 +252,37 @@ pub struct LimitsConfig {
     /// Longest a request waits for its limit before it gets a 429.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// Default requests per minute of a key; `None` is unlimited.
+    pub rpm: Option<u32>,
+    /// Default input tokens per minute of a key (cache reads not counted).
+    pub input_tpm: Option<u64>,
+    /// Default output tokens per minute of a key.
+    pub output_tpm: Option<u64>,
+    /// Default most requests of a key in flight at once.
+    pub max_concurrent: Option<u32>,
+    /// Requests per minute over all keys together.
+    pub global_rpm: Option<u32>,
+    /// Input tokens per minute over all keys together.
+    pub global_input_tpm: Option<u64>,
+    /// Output tokens per minute over all keys together.
+    pub global_output_tpm: Option<u64>,
+    /// Requests in flight over all keys together.
+    pub global_max_concurrent: Option<u32>,
+    /// `open`: fall back to local limits while Redis is unreachable; `closed`: refuse.
+    pub redis_failure: RedisFailure,
+    /// Longest one Redis decision may take (connecting included) before it counts
+    /// as a failure.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// After a Redis failure, how long decisions skip Redis before trying it again.
+    #[serde(with = "humantime_serde")]
+    pub redis_retry_interval: Duration,
+    /// How long a concurrency slot held in Redis lives without being released, so
+    /// a crashed replica's slots come back.
+    #[serde(with = "humantime_serde")]
+    pub redis_slot_lease: Duration,
+    /// Prefix of every Redis key the limiter writes.
+    pub redis_key_prefix: String,
 }
 
 impl Default for LimitsConfig {
@@ -244,6 +291,73 @@ impl Default for LimitsConfig {
             backend: LimitsBackend::Local,
             redis_url: None,
             max_wait: Duration::from_secs(10),
+            rpm: None,
+            input_tpm: None,
+            output_tpm: None,
+            max_concurrent: None,
+            global_rpm: None,
+            global_input_tpm: None,
+            global_output_tpm: None,
+            global_max_concurrent: None,
+            redis_failure: RedisFailure::Open,
+            redis_timeout: Duration::from_millis(250),
+            redis_retry_interval: Duration::from_secs(1),
+            redis_slot_lease: Duration::from_secs(15 * 60),
+            redis_key_prefix: "tollgate:limits".into(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks the `[limits]` section, adding every problem to `errors`.
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.backend == LimitsBackend::Redis && self.redis_url.is_none() {
+            errors.push("limits.backend = \"redis\" needs limits.redis_url".to_owned());
+        }
+        if let Some(url) = &self.redis_url {
+            let u = url.expose();
+            if !(u.starts_with("redis://")
+                || u.starts_with("redis+unix://")
+                || u.starts_with("unix://"))
+            {
+                errors.push(format!(
+                    "limits.redis_url must start with redis://, redis+unix:// or unix:// (got {url})"
+                ));
+            }
+        }
+        let zero = |v: Option<u64>| v == Some(0);
+        for (name, value) in [
+            ("rpm", self.rpm.map(u64::from)),
+            ("input_tpm", self.input_tpm),
+            ("output_tpm", self.output_tpm),
+            ("max_concurrent", self.max_concurrent.map(u64::from)),
+            ("global_rpm", self.global_rpm.map(u64::from)),
+            ("global_input_tpm", self.global_input_tpm),
+            ("global_output_tpm", self.global_output_tpm),
+            (
+                "global_max_concurrent",
+                self.global_max_concurrent.map(u64::from),
+            ),
+        ] {
+            if zero(value) {
+                errors.push(format!(
+                    "limits.{name} must be greater than 0 (leave it out for no limit)"
+                ));
+            }
+        }
+        for (name, d) in [
+            ("limits.redis_timeout", self.redis_timeout),
+            ("limits.redis_retry_interval", self.redis_retry_interval),
+        ] {
+            if d.is_zero() {
+                errors.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.redis_slot_lease < Duration::from_secs(1) {
+            errors.push("limits.redis_slot_lease must be at least 1s".to_owned());
+        }
+        if self.redis_key_prefix.is_empty() {
+            errors.push("limits.redis_key_prefix must not be empty".to_owned());
         }
     }
 }
@@ -500,9 +614,7 @@ impl RawConfig {
         if self.ledger.batch_size == 0 {
             errors.push("ledger.batch_size must be greater than 0".to_owned());
         }
-        if self.limits.backend == LimitsBackend::Redis && self.limits.redis_url.is_none() {
-            errors.push("limits.backend = \"redis\" needs limits.redis_url".to_owned());
-        }
+        self.limits.validate(&mut errors);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errors.push(format!("log.level: {e}"));
         }

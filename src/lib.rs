@@ -14,6 +14,7 @@
 //! - [`config`]: defaults, TOML file and environment, validated in two stages.
 //! - [`server`]: listeners, TLS, connection tasks, graceful shutdown.
 //! - [`proxy`]: routing, request reading, identity, forwarding, response wrapping.
+//! - [`limits`]: rate limits per key and global (local or Redis), reserved and settled.
 //! - [`upstream`]: the pooled HTTPS client to the Anthropic API, with timeouts.
 //! - [`meter`]: the body wrapper, the SSE and JSON usage readers.
 //! - [`record`]: the usage record and the sinks that receive it.
@@ -30,6 +31,7 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod ledger;
+pub mod limits;
 pub mod meter;
 pub mod metrics;
 pub mod mock_upstream;

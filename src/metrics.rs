@@ -32,6 +32,7 @@ pub struct Metrics {
     pub inexact_usage: IntCounter,
     pub rejected: IntCounterVec,
     pub upstream_failures: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
     pub drains: IntCounterVec,
     pub active_drains: IntGauge,
     pub admission_wait: Histogram,
@@ -85,6 +86,10 @@ impl Metrics {
                 Opts::new("tollgate_upstream_failures_total", "Upstream connection failures, timeouts and broken streams."),
                 &["kind"],
             )?,
+            upstream_retries: IntCounterVec::new(
+                Opts::new("tollgate_upstream_retries_total", "Upstream attempts retried before any byte reached the client, by reason (connect, 429, 529, 5xx)."),
+                &["reason"],
+            )?,
             drains: IntCounterVec::new(
                 Opts::new("tollgate_drains_total", "Streams kept reading after a client disconnect (policy drain), by result."),
                 &["result"],
@@ -106,6 +111,7 @@ impl Metrics {
         registry.register(Box::new(m.inexact_usage.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.upstream_failures.clone()))?;
+        registry.register(Box::new(m.upstream_retries.clone()))?;
         registry.register(Box::new(m.drains.clone()))?;
         registry.register(Box::new(m.active_drains.clone()))?;
         registry.register(Box::new(m.admission_wait.clone()))?;

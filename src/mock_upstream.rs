@@ -366,7 +366,6 @@ pub async fn run_cli(args: MockArgs) -> anyhow::Result<()> {
     stop.await?;
     tracing::info!("mock-upstream stopping");
     server.shutdown().await;
-    tracing::info!("TEMPDEBUG stopped");
     Ok(())
 }
 

@@ -11,7 +11,7 @@ pub mod identity;
 pub mod request_info;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use crate::error::{GatewayError, REQUEST_ID_HEADER};
 use crate::meter::Meter;
 use crate::meter::body::{MeteredBody, Recorder, RequestContext, ResponseFacts};
-use crate::upstream::Upstream;
+use crate::upstream::{RetryPolicy, Upstream, retry_hint, retryable_status, should_retry};
 use identity::Credential;
 use request_info::RequestInfo;
 
@@ -37,15 +37,22 @@ const TAGS_HEADER: &str = "tollgate-tags";
 /// Shared state of the request path.
 pub struct Proxy {
     upstream: Upstream,
+    retry: RetryPolicy,
     recorder: Arc<Recorder>,
     max_body_bytes: u64,
 }
 
 impl Proxy {
     /// Creates the request handler.
-    pub fn new(upstream: Upstream, recorder: Arc<Recorder>, max_body_bytes: u64) -> Proxy {
+    pub fn new(
+        upstream: Upstream,
+        retry: RetryPolicy,
+        recorder: Arc<Recorder>,
+        max_body_bytes: u64,
+    ) -> Proxy {
         Proxy {
             upstream,
+            retry,
             recorder,
             max_body_bytes,
         }
@@ -107,12 +114,17 @@ impl Proxy {
         };
 
         let path_and_query = parts.uri.path_and_query().map_or(path, |pq| pq.as_str());
-        let mut upstream_request = Request::new(Full::new(body));
-        *upstream_request.method_mut() = parts.method.clone();
-        *upstream_request.uri_mut() = self.upstream.uri_for(path_and_query)?;
-        *upstream_request.headers_mut() = forwarded_request_headers(&parts.headers);
+        let upstream_uri = self.upstream.uri_for(path_and_query)?;
+        let upstream_headers = forwarded_request_headers(&parts.headers);
+        let make_request = || {
+            let mut r = Request::new(Full::new(body.clone()));
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = upstream_uri.clone();
+            *r.headers_mut() = upstream_headers.clone();
+            r
+        };
 
-        let ctx = RequestContext {
+        let mut ctx = RequestContext {
             request_id: request_id.to_owned(),
             key_id,
             team: None,
@@ -131,7 +143,33 @@ impl Proxy {
 
         let metrics = self.recorder.metrics();
         metrics.active_requests.inc();
-        let response = match self.upstream.send(upstream_request).await {
+        let mut waited = Duration::ZERO;
+        let response = loop {
+            let outcome = self.upstream.send(make_request()).await;
+            // Retry only on answers that say "not processed, try again", and
+            // only now, before any byte of a response went to the client.
+            let (reason, hint) = match &outcome {
+                Ok(r)
+                    if retryable_status(r.status()) && should_retry(r.headers()) != Some(false) =>
+                {
+                    (status_reason(r.status()), retry_hint(r.headers()))
+                }
+                Err(GatewayError::UpstreamConnect(_)) => ("connect", None),
+                _ => break outcome,
+            };
+            let Some(delay) = self.retry.delay(ctx.attempts, hint, waited) else {
+                break outcome;
+            };
+            metrics.upstream_retries.with_label_values(&[reason]).inc();
+            tracing::debug!(request_id = %request_id, attempt = ctx.attempts, reason, ?delay, "retrying upstream");
+            // Dropping an unread error response closes its stream; fine for a retry.
+            drop(outcome);
+            tokio::time::sleep(delay).await;
+            waited += delay;
+            ctx.attempts += 1;
+            ctx.forwarded = Instant::now();
+        };
+        let response = match response {
             Ok(response) => response,
             Err(error) => {
                 metrics
@@ -188,6 +226,15 @@ impl Proxy {
             }
             Err(e) => Err(GatewayError::BadRequest(e.to_string())),
         }
+    }
+}
+
+/// The metric label of a retried status.
+fn status_reason(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        429 => "429",
+        529 => "529",
+        _ => "5xx",
     }
 }
 

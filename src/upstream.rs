@@ -139,3 +139,129 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// When and how long to wait before another upstream attempt.
+///
+/// Retries happen only before any response byte reached the client (the proxy
+/// decides on the response headers, before it relays anything). The delay is the
+/// upstream's own hint (`retry-after-ms`, else `retry-after` seconds) when it
+/// gives one, else exponential backoff with full jitter; a retry whose delay
+/// would take the request past its time budget is not made.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    max_retries: u32,
+    budget: Duration,
+    base: Duration,
+    cap: Duration,
+}
+
+impl RetryPolicy {
+    /// The policy from `upstream.max_retries` and `upstream.retry_budget`.
+    pub fn new(max_retries: u32, budget: Duration) -> RetryPolicy {
+        RetryPolicy {
+            max_retries,
+            budget,
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(8),
+        }
+    }
+
+    /// The wait before retry number `retry` (1-based), or `None` to stop.
+    /// `hint` is the upstream's retry-after; `waited` is the time already spent
+    /// waiting between attempts of this request.
+    pub fn delay(&self, retry: u32, hint: Option<Duration>, waited: Duration) -> Option<Duration> {
+        if retry > self.max_retries {
+            return None;
+        }
+        let delay = match hint {
+            Some(hint) => hint,
+            None => {
+                let exp = self
+                    .base
+                    .saturating_mul(1u32 << (retry - 1).min(16))
+                    .min(self.cap);
+                // Full jitter: uniform in [0, exp], so synchronised clients spread out.
+                exp.mul_f64(rand::random::<f64>())
+            }
+        };
+        (waited + delay <= self.budget).then_some(delay)
+    }
+}
+
+/// Statuses worth another attempt: rate limited, overloaded, server errors.
+pub fn retryable_status(status: http::StatusCode) -> bool {
+    status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// The upstream's retry hint: `retry-after-ms`, else `retry-after` in seconds.
+pub fn retry_hint(headers: &http::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    get("retry-after")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// The upstream's explicit `x-should-retry` verdict, if it gave one.
+pub fn should_retry(headers: &http::HeaderMap) -> Option<bool> {
+    match headers.get("x-should-retry").and_then(|v| v.to_str().ok()) {
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stops() {
+        let p = RetryPolicy::new(3, Duration::from_secs(30));
+        for _ in 0..100 {
+            assert!(p.delay(1, None, Duration::ZERO).unwrap() <= Duration::from_millis(500));
+            assert!(p.delay(3, None, Duration::ZERO).unwrap() <= Duration::from_secs(2));
+        }
+        assert_eq!(p.delay(4, None, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn the_upstream_hint_wins_within_the_budget() {
+        let p = RetryPolicy::new(2, Duration::from_secs(10));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3)), Duration::ZERO),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3)), Duration::from_secs(8)),
+            None
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(60)), Duration::ZERO),
+            None
+        );
+    }
+
+    #[test]
+    fn hints_are_read() {
+        let mut h = http::HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_hint(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", "1500.5".parse().unwrap());
+        assert_eq!(retry_hint(&h), Some(Duration::from_micros(1_500_500)));
+        h.insert("x-should-retry", "false".parse().unwrap());
+        assert_eq!(should_retry(&h), Some(false));
+        assert!(retryable_status(http::StatusCode::from_u16(529).unwrap()));
+        assert!(!retryable_status(http::StatusCode::BAD_REQUEST));
+    }
+}

@@ -166,7 +166,12 @@ async fn a_body_that_is_not_json_is_forwarded_and_the_upstream_answers() {
 #[tokio::test]
 async fn upstream_error_statuses_pass_through_unchanged() {
     let mock = mock().await;
-    let gw = start_gateway(mock.url(), None, &[]).await;
+    let gw = start_gateway(
+        mock.url(),
+        None,
+        &[("TOLLGATE__UPSTREAM__MAX_RETRIES", "0")],
+    )
+    .await;
     for (fault, status, error_type) in [
         ("status=429;retry-after=7", 429, "rate_limit_error"),
         ("status=529", 529, "overloaded_error"),
@@ -415,4 +420,106 @@ async fn the_drain_policy_reads_the_upstream_to_its_final_usage() {
     assert!(record.usage_exact, "{record:?}");
     assert_eq!(record.usage.output_tokens, 40);
     assert_eq!(mock.stats().output_tokens, 40);
+}
+
+/// A 529 (or 429) before any byte reached the client is retried by tollgate;
+/// the client sees the success and the one row counts both attempts.
+#[tokio::test]
+async fn upstream_529_then_200_is_retried_and_recorded_once() {
+    let mock = mock().await;
+    let gw = start_gateway(mock.url(), None, &[]).await;
+    for (fault, key) in [
+        ("status=529", "retry-529"),
+        ("status=429;retry-after=1", "retry-429"),
+    ] {
+        let started = std::time::Instant::now();
+        let resp = send(
+            &http_client(),
+            request(
+                Method::POST,
+                &format!("{}/v1/messages", gw.url()),
+                messages_body(true, 100),
+                &[
+                    ("x-mock-fault", fault),
+                    ("x-mock-fail-times", "1"),
+                    ("x-mock-fault-key", key),
+                    ("x-mock-output-tokens", "5"),
+                ],
+            ),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{fault}: {}", resp.text());
+        let record = gw.sink.wait_for_request(&resp.request_id()).await;
+        assert_eq!(record.attempts, 2, "{fault}");
+        assert_eq!(record.outcome, Outcome::Completed);
+        assert_eq!(record.usage.output_tokens, 5);
+        if fault.contains("retry-after=1") {
+            assert!(
+                started.elapsed() >= Duration::from_secs(1),
+                "retry-after honoured"
+            );
+        }
+    }
+    let metrics = send(
+        &http_client(),
+        request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[]),
+    )
+    .await
+    .text();
+    assert!(
+        metrics.contains(r#"tollgate_upstream_retries_total{reason="529"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tollgate_upstream_retries_total{reason="429"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(gw.sink.all().len(), 2);
+}
+
+/// Once a byte was forwarded, a broken stream is never retried.
+#[tokio::test]
+async fn a_stream_that_fails_after_its_first_byte_is_not_retried() {
+    let mock = mock().await;
+    let gw = start_gateway(mock.url(), None, &[]).await;
+    let resp = send(
+        &http_client(),
+        request(
+            Method::POST,
+            &format!("{}/v1/messages", gw.url()),
+            messages_body(true, 100),
+            &[("x-mock-fault", "reset-after=2")],
+        ),
+    )
+    .await;
+    let record = gw.sink.wait_for_request(&resp.request_id()).await;
+    assert_eq!(record.attempts, 1);
+    assert_eq!(record.outcome, Outcome::UpstreamError);
+    assert_eq!(mock.stats().requests, 1);
+}
+
+/// A retry whose wait would exceed the budget is not made: the 429 is relayed.
+#[tokio::test]
+async fn a_retry_after_beyond_the_budget_is_relayed() {
+    let mock = mock().await;
+    let gw = start_gateway(
+        mock.url(),
+        None,
+        &[("TOLLGATE__UPSTREAM__RETRY_BUDGET", "2s")],
+    )
+    .await;
+    let resp = send(
+        &http_client(),
+        request(
+            Method::POST,
+            &format!("{}/v1/messages", gw.url()),
+            messages_body(false, 10),
+            &[("x-mock-fault", "status=429;retry-after=60")],
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.headers["retry-after"], "60");
+    let record = gw.sink.wait_for_request(&resp.request_id()).await;
+    assert_eq!(record.attempts, 1);
 }

@@ -1,0 +1,1072 @@
+//! `loadgen report`: turns the JSON lines of one harness run (and criterion's
+//! estimates for the meter) into `bench/results/`: a Markdown table per
+//! scenario with every figure absolute and as a ratio to `direct` and to
+//! `nginx`, the issue's targets marked met or not met, the machine's details,
+//! and the same in JSON.
+//!
+//! A scenario repeated several times is summarised by the median of each
+//! figure over its repetitions; the raw runs stay in the JSON.
+
+use std::collections::BTreeMap;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde_json::{Map, Value, json};
+
+/// Flags of `loadgen report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// JSON lines written by the measurements of one run.
+    #[arg(long)]
+    raw: PathBuf,
+    /// criterion's output directory (target/criterion) holding the `meter` group.
+    #[arg(long)]
+    criterion_dir: Option<PathBuf>,
+    /// Where the report goes (bench/results).
+    #[arg(long)]
+    out_dir: PathBuf,
+    /// `quick` or `full`; quick reports are written as quick-latest.*.
+    #[arg(long, default_value = "full")]
+    mode: String,
+    /// A note shown under the tables (repeatable).
+    #[arg(long = "note")]
+    notes: Vec<String>,
+    /// A `key=value` run parameter shown with the machine details (repeatable).
+    #[arg(long = "param")]
+    params: Vec<String>,
+}
+
+/// Targets in the order of the tables; others follow in order of appearance.
+const TARGET_ORDER: [&str; 5] = [
+    "direct",
+    "nginx",
+    "tollgate-sqlite",
+    "tollgate-postgres",
+    "tollgate-virtual",
+];
+const TOLLGATES: [&str; 3] = ["tollgate-sqlite", "tollgate-postgres", "tollgate-virtual"];
+
+/// How a row is shown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The value, with ratios to direct and nginx.
+    Ratios,
+    /// The value alone (counts, settings).
+    Plain,
+    /// The value minus direct's: what the proxy adds.
+    MinusDirect,
+}
+
+struct Metric {
+    key: &'static str,
+    label: &'static str,
+    get: fn(&Value) -> Option<f64>,
+    digits: usize,
+    kind: Kind,
+}
+
+fn num(row: &Value, pointer: &str) -> Option<f64> {
+    row.pointer(pointer).and_then(Value::as_f64)
+}
+
+fn mib(row: &Value, pointer: &str) -> Option<f64> {
+    num(row, pointer).map(|kib| kib / 1024.0)
+}
+
+fn errors(row: &Value) -> Option<f64> {
+    Some(num(row, "/errors/status")? + num(row, "/errors/io")?)
+}
+
+struct Scenario {
+    key: &'static str,
+    title: &'static str,
+    metrics: Vec<Metric>,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            key: "throughput",
+            title: "(a) Small non-streaming messages, maximum throughput (closed loop)",
+            metrics: vec![
+                Metric {
+                    key: "rps",
+                    label: "requests/s",
+                    get: |r| num(r, "/rps"),
+                    digits: 0,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "p50_ms",
+                    label: "latency p50 (ms)",
+                    get: |r| num(r, "/latency/p50_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "p99_ms",
+                    label: "latency p99 (ms)",
+                    get: |r| num(r, "/latency/p99_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "p999_ms",
+                    label: "latency p99.9 (ms)",
+                    get: |r| num(r, "/latency/p999_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "proxy_cpu_us_per_request",
+                    label: "proxy CPU per request (µs)",
+                    get: |r| num(r, "/proxy/cpu_us_per_request"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "proxy_cpu_cores",
+                    label: "proxy CPU (cores busy)",
+                    get: |r| num(r, "/proxy/cpu_cores"),
+                    digits: 2,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "proxy_peak_rss_mib",
+                    label: "proxy peak RSS (MiB)",
+                    get: |r| mib(r, "/proxy/peak_rss_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "errors",
+                    label: "errors",
+                    get: errors,
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+            ],
+        },
+        Scenario {
+            key: "rate",
+            title: "(b) The same at a fixed rate (half of direct's maximum), latency from the scheduled send time",
+            metrics: vec![
+                Metric {
+                    key: "offered_rps",
+                    label: "offered rate (req/s)",
+                    get: |r| num(r, "/offered_rps"),
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "rps",
+                    label: "achieved (req/s)",
+                    get: |r| num(r, "/rps"),
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "p50_ms",
+                    label: "latency p50 (ms)",
+                    get: |r| num(r, "/latency/p50_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "p99_ms",
+                    label: "latency p99 (ms)",
+                    get: |r| num(r, "/latency/p99_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "p999_ms",
+                    label: "latency p99.9 (ms)",
+                    get: |r| num(r, "/latency/p999_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "added_p99_ms",
+                    label: "added p99 vs direct (ms)",
+                    get: |r| num(r, "/latency/p99_ms"),
+                    digits: 3,
+                    kind: Kind::MinusDirect,
+                },
+                Metric {
+                    key: "service_p99_ms",
+                    label: "service time p99 (ms)",
+                    get: |r| num(r, "/service_time/p99_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "proxy_cpu_us_per_request",
+                    label: "proxy CPU per request (µs)",
+                    get: |r| num(r, "/proxy/cpu_us_per_request"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "not_sent",
+                    label: "not sent (target fell behind)",
+                    get: |r| num(r, "/not_sent"),
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "errors",
+                    label: "errors",
+                    get: errors,
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+            ],
+        },
+        Scenario {
+            key: "streams",
+            title: "(c) Concurrent streams, events 10 ms apart: time to first byte and per-event relay delay",
+            metrics: vec![
+                Metric {
+                    key: "ttfb_p50_ms",
+                    label: "TTFB p50 (ms)",
+                    get: |r| num(r, "/ttfb/p50_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "ttfb_p99_ms",
+                    label: "TTFB p99 (ms)",
+                    get: |r| num(r, "/ttfb/p99_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "ttfb_added_p99_ms",
+                    label: "TTFB p99 overhead vs direct (ms)",
+                    get: |r| num(r, "/ttfb/p99_ms"),
+                    digits: 3,
+                    kind: Kind::MinusDirect,
+                },
+                Metric {
+                    key: "relay_p50_ms",
+                    label: "relay delay p50 (ms)",
+                    get: |r| num(r, "/relay_delay/p50_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "relay_p99_ms",
+                    label: "relay delay p99 (ms)",
+                    get: |r| num(r, "/relay_delay/p99_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "relay_p999_ms",
+                    label: "relay delay p99.9 (ms)",
+                    get: |r| num(r, "/relay_delay/p999_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "relay_added_p99_ms",
+                    label: "relay p99 overhead vs direct (ms)",
+                    get: |r| num(r, "/relay_delay/p99_ms"),
+                    digits: 3,
+                    kind: Kind::MinusDirect,
+                },
+                Metric {
+                    key: "events_received",
+                    label: "events received",
+                    get: |r| num(r, "/events_received"),
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "events_expected",
+                    label: "events expected",
+                    get: |r| num(r, "/events_expected"),
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "proxy_cpu_seconds",
+                    label: "proxy CPU (s)",
+                    get: |r| num(r, "/proxy/cpu_seconds"),
+                    digits: 2,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "proxy_peak_rss_mib",
+                    label: "proxy peak RSS (MiB)",
+                    get: |r| mib(r, "/proxy/peak_rss_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+            ],
+        },
+        Scenario {
+            key: "hold",
+            title: "(d) Slow streams held open at once: proxy memory per open stream",
+            metrics: vec![
+                Metric {
+                    key: "streams_open",
+                    label: "streams open",
+                    get: |r| num(r, "/streams_open"),
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "idle_rss_mib",
+                    label: "proxy RSS idle (MiB)",
+                    get: |r| mib(r, "/proxy_idle_rss_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "held_rss_mib",
+                    label: "proxy RSS, streams open (MiB)",
+                    get: |r| mib(r, "/proxy_held_rss_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "kib_per_stream",
+                    label: "proxy KiB per open stream",
+                    get: |r| num(r, "/proxy_kib_per_stream"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "closed_rss_mib",
+                    label: "proxy RSS after close (MiB)",
+                    get: |r| mib(r, "/proxy_closed_rss_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "open_s",
+                    label: "time to open all (s)",
+                    get: |r| num(r, "/open_s"),
+                    digits: 1,
+                    kind: Kind::Plain,
+                },
+            ],
+        },
+        Scenario {
+            key: "soak",
+            title: "(e) Soak: proxy RSS at the end vs after the warm-up",
+            metrics: vec![
+                Metric {
+                    key: "requests",
+                    label: "requests (after warm-up)",
+                    get: |r| num(r, "/completed"),
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "rps",
+                    label: "requests/s",
+                    get: |r| num(r, "/rps"),
+                    digits: 0,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "p99_ms",
+                    label: "latency p99 (ms)",
+                    get: |r| num(r, "/latency/p99_ms"),
+                    digits: 3,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "rss_warm_mib",
+                    label: "proxy RSS after warm-up (MiB)",
+                    get: |r| mib(r, "/proxy/rss_start_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "rss_end_mib",
+                    label: "proxy RSS at end (MiB)",
+                    get: |r| mib(r, "/proxy/rss_end_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "rss_growth_pct",
+                    label: "RSS growth (%)",
+                    get: rss_growth_pct,
+                    digits: 1,
+                    kind: Kind::Plain,
+                },
+                Metric {
+                    key: "proxy_peak_rss_mib",
+                    label: "proxy peak RSS (MiB)",
+                    get: |r| mib(r, "/proxy/peak_rss_kib"),
+                    digits: 1,
+                    kind: Kind::Ratios,
+                },
+                Metric {
+                    key: "errors",
+                    label: "errors",
+                    get: errors,
+                    digits: 0,
+                    kind: Kind::Plain,
+                },
+            ],
+        },
+    ]
+}
+
+fn rss_growth_pct(row: &Value) -> Option<f64> {
+    let start = num(row, "/proxy/rss_start_kib")?;
+    let end = num(row, "/proxy/rss_end_kib")?;
+    (start > 0.0).then(|| (end - start) / start * 100.0)
+}
+
+/// Reads a JSON-lines file, skipping blank lines.
+pub fn read_raw(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        rows.push(
+            serde_json::from_str(&line).with_context(|| format!("{}:{}", path.display(), n + 1))?,
+        );
+    }
+    Ok(rows)
+}
+
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    })
+}
+
+/// Medians of every metric of one scenario, per target.
+type Medians = BTreeMap<String, BTreeMap<&'static str, f64>>;
+
+fn medians(scenario: &Scenario, rows: &[&Value]) -> Medians {
+    let mut out = Medians::new();
+    for target in targets_of(rows) {
+        let mine: Vec<&Value> = rows
+            .iter()
+            .copied()
+            .filter(|r| r["target"] == target.as_str())
+            .collect();
+        let mut values = BTreeMap::new();
+        for metric in &scenario.metrics {
+            let samples: Vec<f64> = mine.iter().filter_map(|r| (metric.get)(r)).collect();
+            if let Some(m) = median(&samples) {
+                values.insert(metric.key, m);
+            }
+        }
+        out.insert(target, values);
+    }
+    out
+}
+
+fn targets_of(rows: &[&Value]) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for name in TARGET_ORDER {
+        if rows.iter().any(|r| r["target"] == name) {
+            seen.push(name.to_owned());
+        }
+    }
+    for row in rows {
+        if let Some(name) = row["target"].as_str()
+            && !seen.iter().any(|s| s == name)
+        {
+            seen.push(name.to_owned());
+        }
+    }
+    seen
+}
+
+fn format_number(value: f64, digits: usize) -> String {
+    if digits == 0 {
+        let rounded = value.round() as i64;
+        let text = rounded.unsigned_abs().to_string();
+        let mut grouped = String::new();
+        for (i, c) in text.chars().enumerate() {
+            if i > 0 && (text.len() - i).is_multiple_of(3) {
+                grouped.push(',');
+            }
+            grouped.push(c);
+        }
+        if rounded < 0 {
+            format!("-{grouped}")
+        } else {
+            grouped
+        }
+    } else {
+        format!("{value:.digits$}")
+    }
+}
+
+fn ratio(value: f64, base: Option<f64>) -> Option<f64> {
+    base.filter(|b| *b != 0.0 && b.is_finite())
+        .map(|b| value / b)
+}
+
+/// A figure with its ratios, for the JSON report.
+fn figure(metric: &Metric, medians: &Medians, target: &str) -> Option<Value> {
+    let value = *medians.get(target)?.get(metric.key)?;
+    let of = |t: &str| medians.get(t).and_then(|m| m.get(metric.key)).copied();
+    Some(match metric.kind {
+        Kind::Ratios => json!({
+            "value": value,
+            "vs_direct": ratio(value, of("direct")),
+            "vs_nginx": ratio(value, of("nginx")),
+        }),
+        Kind::Plain => json!({ "value": value }),
+        Kind::MinusDirect => match of("direct") {
+            Some(direct) => json!({ "value": value - direct }),
+            None => return None,
+        },
+    })
+}
+
+fn cell(metric: &Metric, medians: &Medians, target: &str) -> String {
+    let Some(value) = medians.get(target).and_then(|m| m.get(metric.key)).copied() else {
+        return "–".into();
+    };
+    let of = |t: &str| medians.get(t).and_then(|m| m.get(metric.key)).copied();
+    match metric.kind {
+        Kind::Plain => format_number(value, metric.digits),
+        Kind::MinusDirect => match of("direct") {
+            Some(direct) if target != "direct" => format!("{:+.*}", metric.digits, value - direct),
+            _ => "–".into(),
+        },
+        Kind::Ratios => {
+            let mut text = format_number(value, metric.digits);
+            let mut ratios = Vec::new();
+            if target != "direct"
+                && let Some(r) = ratio(value, of("direct"))
+            {
+                ratios.push(format!("{r:.2}×d"));
+            }
+            if target != "nginx"
+                && let Some(r) = ratio(value, of("nginx"))
+            {
+                ratios.push(format!("{r:.2}×n"));
+            }
+            if !ratios.is_empty() {
+                text.push_str(&format!(" ({})", ratios.join(", ")));
+            }
+            text
+        }
+    }
+}
+
+/// One check of an issue-5 target.
+struct Check {
+    goal: &'static str,
+    target: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+fn get(all: &BTreeMap<&str, Medians>, scenario: &str, target: &str, key: &str) -> Option<f64> {
+    all.get(scenario)?.get(target)?.get(key).copied()
+}
+
+fn checks(all: &BTreeMap<&str, Medians>, meter: &[MeterResult]) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for t in TOLLGATES {
+        if !all.values().any(|m| m.contains_key(t)) {
+            continue;
+        }
+        let target = t.to_owned();
+        // (a) throughput >= 0.9 x nginx (the issue names the Postgres ledger).
+        let (tp, ng) = (
+            get(all, "throughput", t, "rps"),
+            get(all, "throughput", "nginx", "rps"),
+        );
+        checks.push(Check {
+            goal: "(a) throughput ≥ 0.9 × nginx",
+            target: target.clone(),
+            measured: match (tp, ng) {
+                (Some(a), Some(b)) if b > 0.0 => format!(
+                    "{:.2} × nginx ({} vs {} req/s)",
+                    a / b,
+                    format_number(a, 0),
+                    format_number(b, 0)
+                ),
+                _ => "–".into(),
+            },
+            met: match (tp, ng) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a >= 0.9 * b),
+                _ => None,
+            },
+        });
+        // (b) added p99 <= 1 ms and no worse than nginx's.
+        let (p, d, n) = (
+            get(all, "rate", t, "p99_ms"),
+            get(all, "rate", "direct", "p99_ms"),
+            get(all, "rate", "nginx", "p99_ms"),
+        );
+        checks.push(Check {
+            goal: "(b) added latency p99 ≤ 1 ms, and ≤ nginx's",
+            target: target.clone(),
+            measured: match (p, d, n) {
+                (Some(p), Some(d), Some(n)) => format!("+{:.3} ms (nginx +{:.3} ms)", p - d, n - d),
+                (Some(p), Some(d), None) => format!("+{:.3} ms", p - d),
+                _ => "–".into(),
+            },
+            met: match (p, d, n) {
+                (Some(p), Some(d), Some(n)) => Some(p - d <= 1.0 && p <= n),
+                (Some(p), Some(d), None) => Some(p - d <= 1.0),
+                _ => None,
+            },
+        });
+        // (c) TTFB overhead p99 <= 1 ms; relay delay overhead p99 <= 0.5 ms.
+        let (tt, td) = (
+            get(all, "streams", t, "ttfb_p99_ms"),
+            get(all, "streams", "direct", "ttfb_p99_ms"),
+        );
+        checks.push(Check {
+            goal: "(c) TTFB overhead p99 ≤ 1 ms",
+            target: target.clone(),
+            measured: match (tt, td) {
+                (Some(a), Some(b)) => format!("{:+.3} ms (p99 {a:.3} vs direct {b:.3})", a - b),
+                _ => "–".into(),
+            },
+            met: tt.zip(td).map(|(a, b)| a - b <= 1.0),
+        });
+        let (rt, rd) = (
+            get(all, "streams", t, "relay_p99_ms"),
+            get(all, "streams", "direct", "relay_p99_ms"),
+        );
+        checks.push(Check {
+            goal: "(c) event relay delay p99 ≤ 0.5 ms (added to direct's)",
+            target: target.clone(),
+            measured: match (rt, rd) {
+                (Some(a), Some(b)) => format!("{:+.3} ms (p99 {a:.3} vs direct {b:.3})", a - b),
+                _ => "–".into(),
+            },
+            met: rt.zip(rd).map(|(a, b)| a - b <= 0.5),
+        });
+        // (d) <= 64 KiB per open stream.
+        let per = get(all, "hold", t, "kib_per_stream");
+        checks.push(Check {
+            goal: "(d) ≤ 64 KiB proxy RSS per open stream",
+            target: target.clone(),
+            measured: per.map_or("–".into(), |v| format!("{v:.1} KiB")),
+            met: per.map(|v| v <= 64.0),
+        });
+        // (e) end RSS within 10 % of after warm-up.
+        let growth = get(all, "soak", t, "rss_growth_pct");
+        checks.push(Check {
+            goal: "(e) soak: end RSS within 10 % of after warm-up",
+            target: target.clone(),
+            measured: growth.map_or("–".into(), |g| format!("{g:+.1} %")),
+            met: growth.map(|g| g.abs() <= 10.0),
+        });
+    }
+    // (f) the meter: >= 1 GiB/s and within 3x of the memchr scan.
+    let memchr = meter.iter().find(|m| m.name.contains("memchr"));
+    for m in meter.iter().filter(|m| !m.name.contains("memchr")) {
+        checks.push(Check {
+            goal: "(f) meter ≥ 1 GiB/s per core",
+            target: m.name.clone(),
+            measured: format!("{:.2} GiB/s", m.gib_per_s),
+            met: Some(m.gib_per_s >= 1.0),
+        });
+        if let Some(reference) = memchr {
+            checks.push(Check {
+                goal: "(f) meter within 3× of the memchr scan",
+                target: m.name.clone(),
+                measured: format!(
+                    "{:.1}× slower ({:.2} vs {:.2} GiB/s)",
+                    reference.gib_per_s / m.gib_per_s,
+                    m.gib_per_s,
+                    reference.gib_per_s
+                ),
+                met: Some(reference.gib_per_s / m.gib_per_s <= 3.0),
+            });
+        }
+    }
+    checks
+}
+
+/// One criterion benchmark of the `meter` group.
+#[derive(Debug, Clone, serde::Serialize)]
+struct MeterResult {
+    name: String,
+    bytes_per_iter: u64,
+    ns_per_iter: f64,
+    gib_per_s: f64,
+}
+
+/// Reads `<dir>/meter/<bench>/new/{estimates,benchmark}.json` for every bench.
+fn read_meter(dir: &Path) -> Vec<MeterResult> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("meter")) else {
+        return out;
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("new").is_dir())
+        .collect();
+    paths.sort();
+    for path in paths {
+        let read = |name: &str| -> Option<Value> {
+            serde_json::from_str(&std::fs::read_to_string(path.join("new").join(name)).ok()?).ok()
+        };
+        let (Some(estimates), Some(benchmark)) = (read("estimates.json"), read("benchmark.json"))
+        else {
+            continue;
+        };
+        let (Some(ns), Some(bytes)) = (
+            estimates
+                .pointer("/mean/point_estimate")
+                .and_then(Value::as_f64),
+            benchmark
+                .pointer("/throughput/Bytes")
+                .and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        let name = benchmark["function_id"].as_str().map_or_else(
+            || {
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            },
+            str::to_owned,
+        );
+        out.push(MeterResult {
+            name,
+            bytes_per_iter: bytes,
+            ns_per_iter: ns,
+            gib_per_s: bytes as f64 / (ns * 1e-9) / f64::from(1u32 << 30),
+        });
+    }
+    out
+}
+
+/// What the machine is, for the report.
+fn machine() -> Value {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let logical = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / f64::from(1u32 << 20));
+    let run = |program: &str, args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()?;
+        let text = if out.stdout.is_empty() {
+            out.stderr
+        } else {
+            out.stdout
+        };
+        Some(String::from_utf8_lossy(&text).trim().to_owned())
+    };
+    json!({
+        "cpu": cpu,
+        "logical_cpus": logical,
+        "memory_gib": memory_gib.map(|g| (g * 10.0).round() / 10.0),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "rustc": run("rustc", &["--version"]),
+        "nginx": run("nginx", &["-v"]),
+        "postgres": run("psql", &["-h", "127.0.0.1", "-U", "postgres", "-Atc", "show server_version"]),
+        "commit": run("git", &["rev-parse", "--short", "HEAD"]),
+        "worktree_dirty": run("git", &["status", "--porcelain"]).map(|s| !s.is_empty()),
+        "load_average": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    })
+}
+
+pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
+    let rows = read_raw(&args.raw)?;
+    let meter = args
+        .criterion_dir
+        .as_deref()
+        .map(read_meter)
+        .unwrap_or_default();
+    let machine = machine();
+    let generated = chrono::Utc::now();
+    let params: Map<String, Value> = args
+        .params
+        .iter()
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_owned(), json!(v)))
+        .collect();
+
+    let scenarios = scenarios();
+    let mut all: BTreeMap<&str, Medians> = BTreeMap::new();
+    let mut md = String::new();
+    let mut json_scenarios = Map::new();
+    md.push_str(&format!(
+        "# tollgate benchmark ({} run, {})\n\n",
+        args.mode,
+        generated.format("%Y-%m-%d %H:%M UTC")
+    ));
+    md.push_str(
+        "Each cell: the median over the repetitions, then its ratio to `direct` (×d) and to \
+         `nginx` (×n). Targets were measured in one run, alternating round-robin per repetition. \
+         The load generator, the mock upstream and the proxy share the machine's cores (nothing \
+         is pinned); that is the same for every target.\n\n",
+    );
+    for scenario in &scenarios {
+        let mine: Vec<&Value> = rows
+            .iter()
+            .filter(|r| r["scenario"] == scenario.key)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let medians = medians(scenario, &mine);
+        let targets: Vec<String> = medians.keys().cloned().collect();
+        let targets = order(targets);
+        md.push_str(&format!("## {}\n\n", scenario.title));
+        if let Some(first) = mine.first() {
+            md.push_str(&describe(scenario.key, first, mine.len(), targets.len()));
+        }
+        md.push_str(&format!("| | {} |\n", targets.join(" | ")));
+        md.push_str(&format!("|---|{}\n", "---:|".repeat(targets.len())));
+        for metric in &scenario.metrics {
+            if !targets
+                .iter()
+                .any(|t| medians.get(t).is_some_and(|m| m.contains_key(metric.key)))
+            {
+                continue;
+            }
+            let cells: Vec<String> = targets.iter().map(|t| cell(metric, &medians, t)).collect();
+            md.push_str(&format!("| {} | {} |\n", metric.label, cells.join(" | ")));
+        }
+        md.push('\n');
+
+        let mut per_target = Map::new();
+        for target in &targets {
+            let figures: Map<String, Value> = scenario
+                .metrics
+                .iter()
+                .filter_map(|m| figure(m, &medians, target).map(|f| (m.key.to_owned(), f)))
+                .collect();
+            let runs: Vec<Value> = mine
+                .iter()
+                .filter(|r| r["target"] == target.as_str())
+                .map(|r| (*r).clone())
+                .collect();
+            per_target.insert(target.clone(), json!({ "median": figures, "runs": runs }));
+        }
+        json_scenarios.insert(scenario.key.to_owned(), Value::Object(per_target));
+        all.insert(scenario.key, medians);
+    }
+
+    if !meter.is_empty() {
+        md.push_str("## (f) The meter alone (criterion, one core)\n\n");
+        md.push_str(
+            "The SSE fixture corpus (`tests/fixtures/sse/*.sse`, concatenated) fed through \
+             `Meter::for_response(true, \"text/event-stream\", \"\")` in the chunk sizes named, \
+             next to a `memchr` newline scan of the same bytes.\n\n",
+        );
+        md.push_str("| benchmark | bytes/iter | time/iter | GiB/s | vs memchr |\n|---|---:|---:|---:|---:|\n");
+        let memchr = meter
+            .iter()
+            .find(|m| m.name.contains("memchr"))
+            .map(|m| m.gib_per_s);
+        for m in &meter {
+            md.push_str(&format!(
+                "| {} | {} | {:.2} µs | {:.2} | {} |\n",
+                m.name,
+                format_number(m.bytes_per_iter as f64, 0),
+                m.ns_per_iter / 1e3,
+                m.gib_per_s,
+                memchr.map_or("–".into(), |r| format!("{:.2}×", m.gib_per_s / r)),
+            ));
+        }
+        md.push('\n');
+    }
+
+    let checks = checks(&all, &meter);
+    if !checks.is_empty() {
+        md.push_str("## Issue 5 targets\n\n| target | proxy | measured | |\n|---|---|---|---|\n");
+        for c in &checks {
+            let verdict = match c.met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "not measured",
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                c.goal, c.target, c.measured, verdict
+            ));
+        }
+        md.push_str(
+            "\nThe issue states the throughput target for tollgate with the Postgres ledger \
+             (`tollgate-postgres`); the other variants are shown for comparison. Overheads are \
+             differences of percentiles measured in separate runs of the same workload.\n\n",
+        );
+    }
+
+    md.push_str("## Machine\n\n| | |\n|---|---|\n");
+    if let Value::Object(m) = &machine {
+        for (k, v) in m {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "–".into(),
+                other => other.to_string(),
+            };
+            md.push_str(&format!("| {k} | {} |\n", text.replace('\n', " ")));
+        }
+    }
+    for (k, v) in &params {
+        md.push_str(&format!("| {k} | {} |\n", v.as_str().unwrap_or_default()));
+    }
+    md.push('\n');
+    if !args.notes.is_empty() {
+        md.push_str("## Notes\n\n");
+        for note in &args.notes {
+            md.push_str(&format!("- {note}\n"));
+        }
+        md.push('\n');
+    }
+
+    let report = json!({
+        "mode": args.mode,
+        "generated_at": generated.to_rfc3339(),
+        "machine": machine,
+        "params": params,
+        "notes": args.notes,
+        "scenarios": json_scenarios,
+        "meter": meter,
+        "targets": checks.iter().map(|c| json!({
+            "goal": c.goal, "proxy": c.target, "measured": c.measured, "met": c.met,
+        })).collect::<Vec<_>>(),
+    });
+
+    std::fs::create_dir_all(&args.out_dir)?;
+    let (latest, stamped) = if args.mode == "quick" {
+        ("quick-latest".to_owned(), None)
+    } else {
+        (
+            "latest".to_owned(),
+            Some(generated.format("%Y%m%dT%H%M%SZ").to_string()),
+        )
+    };
+    let json_text = serde_json::to_string_pretty(&report)? + "\n";
+    for name in std::iter::once(latest).chain(stamped) {
+        std::fs::write(args.out_dir.join(format!("{name}.md")), &md)?;
+        std::fs::write(args.out_dir.join(format!("{name}.json")), &json_text)?;
+    }
+    print!("{md}");
+    Ok(())
+}
+
+fn order(mut targets: Vec<String>) -> Vec<String> {
+    targets.sort_by_key(|t| {
+        TARGET_ORDER
+            .iter()
+            .position(|o| o == t)
+            .unwrap_or(TARGET_ORDER.len())
+    });
+    targets
+}
+
+/// One line saying what the scenario ran, from the first row's parameters.
+fn describe(scenario: &str, row: &Value, runs: usize, targets: usize) -> String {
+    let reps = runs.div_ceil(targets.max(1));
+    let n = |p: &str| {
+        row.pointer(p)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let text = match scenario {
+        "throughput" => format!(
+            "{} connections, {} s measured after a warm-up",
+            n("/connections"),
+            n("/window_s")
+        ),
+        "rate" => format!(
+            "{} connections, {} s measured after a warm-up",
+            n("/connections"),
+            n("/window_s")
+        ),
+        "streams" => format!(
+            "{} streams of {} events, {} ms apart, starts spread over a short ramp",
+            n("/streams"),
+            n("/events_per_stream"),
+            n("/event_delay_ms")
+        ),
+        "hold" => format!(
+            "{} streams opened and held; RSS read after they all delivered their first event",
+            n("/streams")
+        ),
+        "soak" => format!("{} connections, closed loop", n("/connections")),
+        _ => String::new(),
+    };
+    format!("{text}; {reps} repetition(s) per target.\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_grouping() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        assert_eq!(format_number(1234567.4, 0), "1,234,567");
+        assert_eq!(format_number(-1234.0, 0), "-1,234");
+        assert_eq!(format_number(0.12345, 3), "0.123");
+    }
+
+    #[test]
+    fn cells_carry_ratios_to_direct_and_nginx() {
+        let rows = [
+            json!({"scenario": "throughput", "target": "direct", "rps": 1000.0}),
+            json!({"scenario": "throughput", "target": "nginx", "rps": 500.0}),
+            json!({"scenario": "throughput", "target": "tollgate-postgres", "rps": 460.0}),
+            json!({"scenario": "throughput", "target": "tollgate-postgres", "rps": 440.0}),
+            json!({"scenario": "throughput", "target": "tollgate-postgres", "rps": 480.0}),
+        ];
+        let refs: Vec<&Value> = rows.iter().collect();
+        let scenario = &scenarios()[0];
+        let medians = medians(scenario, &refs);
+        let rps = &scenario.metrics[0];
+        assert_eq!(cell(rps, &medians, "direct"), "1,000");
+        assert_eq!(cell(rps, &medians, "nginx"), "500 (0.50×d)");
+        assert_eq!(
+            cell(rps, &medians, "tollgate-postgres"),
+            "460 (0.46×d, 0.92×n)"
+        );
+        let mut all = BTreeMap::new();
+        all.insert("throughput", medians);
+        let checks = checks(&all, &[]);
+        let a = checks.iter().find(|c| c.goal.starts_with("(a)")).unwrap();
+        assert_eq!(a.met, Some(true));
+    }
+}
