@@ -147,10 +147,27 @@ pub enum AuthMode {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    /// How long a key looked up in the store (found or not) is trusted before it
+    /// is read again: a revoke or an update reaches every replica within this.
+    #[serde(with = "humantime_serde")]
+    pub key_cache_ttl: Duration,
+    /// Adds per-key metric series labelled with the key id
+    /// (`tollgate_budget_spent_usd{key,period}`): one series per key with a budget.
+    pub metrics_key_label: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Passthrough,
+            key_cache_ttl: Duration::from_secs(5),
+            metrics_key_label: false,
+        }
+    }
 }
 
 /// What happens to the upstream stream when the client goes away.
@@ -247,7 +264,9 @@ pub enum RedisFailure {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// Where the limit state lives: this process, or Redis shared by replicas.
     pub backend: LimitsBackend,
+    /// The Redis of `backend = "redis"`.
     pub redis_url: Option<MaskedUrl>,
     /// Longest a request waits for its limit before it gets a 429.
     #[serde(with = "humantime_serde")]

@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub max_bytes: u64,
     /// False once the journal thread has ended (for whatever reason).
     pub journal_alive: AtomicBool,
+    /// False once the writer's supervisor has ended (for whatever reason).
+    pub writer_alive: AtomicBool,
     /// True while journal writes fail.
     pub journal_failing: AtomicBool,
     /// True while the journal is past `max_bytes`.
@@ -273,24 +275,74 @@ impl std::fmt::Debug for LedgerHandle {
     }
 }
 
+impl Shared {
+    fn health(&self, backend: Backend) -> LedgerHealth {
+        let durable = self.durable_seq.load(Ordering::SeqCst);
+        let checkpoint = self.checkpoint.load(Ordering::SeqCst);
+        LedgerHealth {
+            backend,
+            store_reachable: self.store_reachable.load(Ordering::SeqCst),
+            accepting: self.accepting(),
+            journal_full: self.journal_full.load(Ordering::SeqCst),
+            queue_depth: u64::try_from(self.metrics.queue_depth.get()).unwrap_or(0),
+            journal_bytes: u64::try_from(self.metrics.journal_bytes.get()).unwrap_or(0),
+            journal_max_bytes: self.max_bytes,
+            unflushed_records: durable.saturating_sub(checkpoint),
+            oldest_unflushed_seconds: self.progress.oldest_unflushed_seconds(),
+            tasks_running: self.journal_alive.load(Ordering::SeqCst)
+                && self.writer_alive.load(Ordering::SeqCst),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
+/// A cheap, cloneable view of the ledger's health, for `/readyz`.
+#[derive(Clone)]
+pub struct LedgerStatus {
+    shared: Arc<Shared>,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for LedgerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.health().fmt(f)
+    }
+}
+
+impl LedgerStatus {
+    /// The ledger's state now.
+    pub fn health(&self) -> LedgerHealth {
+        self.shared.health(self.backend)
+    }
+}
+
+impl crate::admin::HealthCheck for LedgerStatus {
+    fn name(&self) -> &'static str {
+        "ledger"
+    }
+
+    /// Ready while records can be taken; a store that is down does not make
+    /// the gateway unready (the journal holds the records), a full journal does.
+    fn check(&self) -> (bool, serde_json::Value) {
+        let health = self.health();
+        let details = serde_json::to_value(&health).unwrap_or(serde_json::Value::Null);
+        (health.ready(), details)
+    }
+}
+
 impl LedgerHandle {
     /// The ledger's state now.
     pub fn health(&self) -> LedgerHealth {
-        let s = &self.shared;
-        let durable = s.durable_seq.load(Ordering::SeqCst);
-        let checkpoint = s.checkpoint.load(Ordering::SeqCst);
-        LedgerHealth {
+        let mut health = self.shared.health(self.backend);
+        health.tasks_running &= !self.journal_thread.is_finished() && !self.writer.is_finished();
+        health
+    }
+
+    /// A view of the health to hand to the admin listener.
+    pub fn status(&self) -> LedgerStatus {
+        LedgerStatus {
+            shared: self.shared.clone(),
             backend: self.backend,
-            store_reachable: s.store_reachable.load(Ordering::SeqCst),
-            accepting: s.accepting(),
-            journal_full: s.journal_full.load(Ordering::SeqCst),
-            queue_depth: u64::try_from(s.metrics.queue_depth.get()).unwrap_or(0),
-            journal_bytes: u64::try_from(s.metrics.journal_bytes.get()).unwrap_or(0),
-            journal_max_bytes: s.max_bytes,
-            unflushed_records: durable.saturating_sub(checkpoint),
-            oldest_unflushed_seconds: s.progress.oldest_unflushed_seconds(),
-            tasks_running: !self.journal_thread.is_finished() && !self.writer.is_finished(),
-            last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
 
@@ -363,14 +415,33 @@ impl LedgerHandle {
     }
 }
 
+/// Why the store could not be prepared at start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Connect(sqlx::Error),
+    #[error(transparent)]
+    Migrate(sqlx::migrate::MigrateError),
+}
+
+impl StartError {
+    /// Whether the store was only unreachable (then the writer retries later).
+    fn is_transient(&self, backend: Backend) -> bool {
+        match self {
+            StartError::Connect(e) => store::is_unreachable(backend, e),
+            StartError::Migrate(e) => store::migrate_error_is_transient(backend, e),
+        }
+    }
+}
+
 /// Starts the ledger: opens the store (without requiring it to be up),
 /// recovers the journal, and starts the journal thread and the batch writer,
 /// which first replays whatever the journal holds past its checkpoint.
 ///
 /// With `ledger.migrate`, migrations are applied here if the store answers
 /// within a few seconds, else by the writer once it does. A store that answers
-/// but rejects the migrations (a changed migration, missing privileges) is an
-/// error.
+/// but refuses (wrong credentials, a missing database, a changed migration,
+/// missing privileges) is an error.
 pub async fn start(
     cfg: &LedgerConfig,
     registry: &prometheus::Registry,
@@ -385,25 +456,41 @@ pub async fn start(
     let metrics = LedgerMetrics::new(registry, move || age.oldest_unflushed_seconds())
         .context("cannot register the ledger metrics")?;
 
-    let mut migrated = !cfg.migrate;
+    let mut migrated = false;
     let mut store_reachable = false;
-    if cfg.migrate {
-        match tokio::time::timeout(START_MIGRATE_TIMEOUT, store.migrate()).await {
-            Ok(Ok(())) => {
-                migrated = true;
-                store_reachable = true;
-            }
-            Ok(Err(e)) if store::migrate_error_is_transient(backend, &e) => {
-                tracing::warn!(error = %store::scrub(&e.to_string(), &url), store = %cfg.url,
-                    "ledger store unreachable at start; serving anyway, records wait in the journal");
-            }
-            Ok(Err(e)) => {
-                return Err(anyhow::anyhow!(store::scrub(&e.to_string(), &url)))
-                    .with_context(|| format!("cannot migrate the ledger at {}", cfg.url));
-            }
-            Err(_) => tracing::warn!(store = %cfg.url,
-                "ledger store did not answer at start; serving anyway, records wait in the journal"),
+    // One quick connection attempt first: the pool would keep retrying a
+    // refused connection until its timeout, delaying the start for nothing.
+    let probe = tokio::time::timeout(START_MIGRATE_TIMEOUT, store.probe()).await;
+    let attempt = match probe {
+        Ok(Ok(())) if cfg.migrate => tokio::time::timeout(START_MIGRATE_TIMEOUT, store.migrate())
+            .await
+            .map(|r| r.map_err(StartError::Migrate)),
+        Ok(Ok(())) => Ok(Ok(())),
+        Ok(Err(e)) => Ok(Err(StartError::Connect(e))),
+        Err(elapsed) => Err(elapsed),
+    };
+    match attempt {
+        Ok(Ok(())) => {
+            migrated = true;
+            store_reachable = true;
         }
+        Ok(Err(e)) if e.is_transient(backend) => {
+            tracing::warn!(
+                error = %store::scrub(&e.to_string(), &url),
+                store = %cfg.url,
+                "ledger store unreachable at start; serving anyway, records wait in the journal"
+            );
+        }
+        // Wrong credentials, a missing database, a changed migration: no
+        // retry can fix these, so say so before serving anything.
+        Ok(Err(e)) => {
+            return Err(anyhow::anyhow!(store::scrub(&e.to_string(), &url)))
+                .with_context(|| format!("cannot prepare the ledger at {}", cfg.url));
+        }
+        Err(_) => tracing::warn!(
+            store = %cfg.url,
+            "ledger store did not answer at start; serving anyway, records wait in the journal"
+        ),
     }
 
     let dir = cfg.journal_dir.clone();
@@ -437,6 +524,7 @@ pub async fn start(
         progress,
         max_bytes: cfg.journal_max_bytes,
         journal_alive: AtomicBool::new(true),
+        writer_alive: AtomicBool::new(true),
         journal_failing: AtomicBool::new(false),
         journal_full: AtomicBool::new(false),
         durable_seq: AtomicU64::new(recovered.last_seq),
@@ -464,7 +552,7 @@ pub async fn start(
         dir: dir.clone(),
         batch_size: cfg.batch_size.max(1),
         batch_interval: cfg.batch_interval,
-        migrate: !migrated,
+        migrate: cfg.migrate && !migrated,
         replay_until: recovered.last_seq,
         url,
     };

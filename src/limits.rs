@@ -22,8 +22,9 @@
 //!
 //! One decision checks every dimension of the key and of the global limits at
 //! once and takes all of them or none. Two backends keep the state: in this
-//! process ([`local`]) or in Redis ([`redis`]), where each decision and each
-//! settlement is one atomic script call, so replicas share one limit.
+//! process (`limits/local.rs`) or in Redis (`limits/redis.rs`), where each
+//! decision and each settlement is one atomic script call, so replicas share
+//! one limit.
 
 mod local;
 mod metrics;
@@ -118,30 +119,40 @@ impl KeyLimits {
 /// Anthropic does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Demand {
+    /// Input tokens, cache reads left out (cache writes count).
     pub input_tokens: u64,
+    /// Output tokens.
     pub output_tokens: u64,
 }
 
 /// Whether a limit belongs to the key or to all keys together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
+    /// The requesting key's own limits.
     Key,
+    /// The limits over all keys together.
     Global,
 }
 
 /// One limited quantity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dimension {
+    /// Requests per minute.
     Requests,
+    /// Input tokens per minute.
     InputTokens,
+    /// Output tokens per minute.
     OutputTokens,
+    /// Requests in flight.
     Concurrency,
 }
 
 /// The limit that made a request wait (the one it waits longest for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitedBy {
+    /// Whose limit.
     pub scope: Scope,
+    /// Which quantity.
     pub dimension: Dimension,
 }
 
@@ -191,14 +202,18 @@ impl DimensionState {
 /// organisation's business, not the key holder's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LimitState {
+    /// Requests per minute.
     pub requests: Option<DimensionState>,
+    /// Input tokens per minute.
     pub input_tokens: Option<DimensionState>,
+    /// Output tokens per minute.
     pub output_tokens: Option<DimensionState>,
 }
 
 impl LimitState {
-    /// The response headers `tollgate-ratelimit-{requests,input-tokens,output-tokens}-{limit,remaining,reset}`
-    /// for the limited dimensions, the reset as an RFC 3339 time.
+    /// The response headers of the limited dimensions:
+    /// `tollgate-ratelimit-{requests,input-tokens,output-tokens}-{limit,remaining,reset}`,
+    /// the reset as an RFC 3339 time rounded up to the second.
     pub fn headers(&self, now: SystemTime) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         let dimensions = [
@@ -324,6 +339,7 @@ impl Drop for Reservation {
 /// A reservation obtained by [`Limiter::acquire`], possibly after waiting.
 #[derive(Debug)]
 pub struct Acquired {
+    /// Settle it when the response ends.
     pub reservation: Reservation,
     /// Time spent waiting for the limits.
     pub waited: Duration,
@@ -396,6 +412,8 @@ impl Limiter {
     /// Checks every limit of the key and the global limits at once: takes the
     /// demand from all of them, or from none and says how long to wait.
     /// Fails only when Redis is unreachable and `redis_failure = "closed"`.
+    /// Counts the decision's latency but no outcome: [`Limiter::acquire`] does,
+    /// or the caller with [`LimiterMetrics::count`].
     pub async fn try_acquire(
         &self,
         key_id: &str,

@@ -4,6 +4,10 @@
 //! configured for Postgres with a valid configuration, and Prometheus scrapes
 //! the compose service and port where tollgate serves `/metrics`.
 
+// Helpers outside `#[test]` functions panic on purpose: a failed helper is a
+// failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,10 @@
 //! Migrations, idempotent inserts, the `usage_daily` view, `tollgate usage` in
 //! every format (through the real binary) and `tollgate reprice`.
 
+// Helpers outside `#[test]` functions panic on purpose: a failed helper is a
+// failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::BTreeMap;
@@ -101,7 +105,7 @@ async fn the_same_request_is_stored_once() {
         );
         // Again, alone and within a batch that repeats it.
         assert_eq!(
-            store.insert(&[a.clone()]).await.unwrap(),
+            store.insert(std::slice::from_ref(&a)).await.unwrap(),
             0,
             "[{}]",
             db.backend

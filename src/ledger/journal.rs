@@ -514,11 +514,20 @@ fn sync_until_done(
                     .records
                     .with_label_values(&["journalled"])
                     .inc_by(synced.records as u64);
+                // The group's age moves from "unsynced" to "durable" before
+                // the writer can see the group, so it is never unaccounted.
+                let progress = &shared.progress;
+                let first = progress.oldest_unsynced_ms.load(Ordering::SeqCst);
+                if first > 0 {
+                    let _ = progress.oldest_durable_ms.compare_exchange(
+                        0,
+                        first,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
+                }
+                progress.oldest_unsynced_ms.store(0, Ordering::SeqCst);
                 shared.durable_seq.store(synced.last_seq, Ordering::SeqCst);
-                shared
-                    .progress
-                    .oldest_unsynced_ms
-                    .store(0, Ordering::SeqCst);
                 durable.send_replace(synced.last_seq);
                 if failures > 0 {
                     shared.journal_failing.store(false, Ordering::SeqCst);

@@ -24,6 +24,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::meter::Usage;
 use crate::record::UsageRecord;
@@ -170,6 +171,9 @@ impl Store {
     /// Opens the store and checks that it answers.
     pub async fn connect(url: &str, create: bool) -> Result<Store, sqlx::Error> {
         let store = Store::open_lazy(url, create)?;
+        // The probe reports a refused connection as such (the pool would
+        // only say that it timed out).
+        store.probe().await?;
         store.ping().await?;
         Ok(store)
     }
@@ -189,6 +193,16 @@ impl Store {
         match self {
             Store::Postgres(pool) => migrator.run(pool).await,
             Store::Sqlite(pool) => migrator.run(pool).await,
+        }
+    }
+
+    /// One direct connection attempt, without the pool's retries (a pool
+    /// retries a refused connection until its acquire timeout).
+    pub async fn probe(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Store::Postgres(pool) => pool.connect_options().connect().await?.close().await,
+            // A local file: nothing to reach.
+            Store::Sqlite(_) => Ok(()),
         }
     }
 

@@ -66,6 +66,14 @@ pub(crate) async fn supervise(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
+    // Marks the writer gone however this ends, for the health report.
+    struct AliveGuard(Arc<Shared>);
+    impl Drop for AliveGuard {
+        fn drop(&mut self) {
+            self.0.writer_alive.store(false, Ordering::SeqCst);
+        }
+    }
+    let _alive = AliveGuard(shared.clone());
     loop {
         let writer = BatchWriter {
             reader: Some(JournalReader::new(
@@ -77,6 +85,7 @@ pub(crate) async fn supervise(
             shared: shared.clone(),
             migrate_failures: 0,
             next_migrate: Instant::now(),
+            rejected: 0,
         };
         match tokio::spawn(writer.run(durable.clone(), cancel.clone())).await {
             Ok(Ok(())) => break,
@@ -119,6 +128,8 @@ struct BatchWriter {
     /// Failed migration attempts so far, and when the next one is due.
     migrate_failures: u32,
     next_migrate: Instant,
+    /// Rows of the current batch set aside by [`BatchWriter::reject`].
+    rejected: u64,
 }
 
 impl BatchWriter {
@@ -363,7 +374,8 @@ impl BatchWriter {
 
     /// Sets aside a row the store refuses: logged in full and kept in
     /// `rejected.jsonl`, so an operator can fix and insert it by hand.
-    async fn reject(&self, record: &UsageRecord, error: &str) {
+    async fn reject(&mut self, record: &UsageRecord, error: &str) {
+        self.rejected += 1;
         self.shared
             .metrics
             .records
@@ -392,7 +404,7 @@ impl BatchWriter {
     /// segments that are now wholly written.
     async fn checkpoint(&mut self, batch: &Batch, inserted: u64) -> anyhow::Result<()> {
         let metrics = &self.shared.metrics;
-        let rows = batch.records.len() as u64;
+        let rows = (batch.records.len() as u64).saturating_sub(std::mem::take(&mut self.rejected));
         metrics.records.with_label_values(&["written"]).inc_by(rows);
         metrics
             .records
@@ -402,9 +414,6 @@ impl BatchWriter {
             .records
             .with_label_values(&["duplicate"])
             .inc_by(rows.saturating_sub(inserted));
-        self.shared
-            .checkpoint
-            .store(batch.last_seq, Ordering::SeqCst);
         self.shared
             .progress
             .oldest_unwritten_ms
@@ -431,6 +440,11 @@ impl BatchWriter {
                 .sub(i64::try_from(freed).unwrap_or(i64::MAX));
             self.shared.update_full();
         }
+        // Published last, so that whoever sees the checkpoint (`flushed`,
+        // health) also sees the journal it leaves behind.
+        self.shared
+            .checkpoint
+            .store(batch.last_seq, Ordering::SeqCst);
         Ok(())
     }
 }

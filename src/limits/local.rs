@@ -35,7 +35,7 @@ use super::{
 /// Shards of the key map: enough that two busy keys rarely share a lock.
 const SHARDS: usize = 32;
 /// Decisions on a shard between two sweeps of its idle keys.
-const SWEEP_EVERY: u32 = 4096;
+const SWEEP_EVERY: u32 = 1024;
 /// Every limit is per minute: a full bucket is one minute of refill.
 const WINDOW_NS: i128 = 60_000_000_000;
 
@@ -620,19 +620,39 @@ mod tests {
             scope.commit(plan);
         }
         assert!(blocked.worst.is_none());
-        // At 4 per minute the two requests already taken leave two more, then
-        // one every 15 s.
+        assert!(
+            !scope
+                .plan(&limits, Demand::default(), 0, Scope::Key, &mut blocked)
+                .requests
+        );
+        assert_eq!(blocked.worst.map(|(w, _)| w), Some(Duration::from_secs(30)));
+        // The state is kept as time, as in Redis: raised to 4 per minute, the
+        // exhausted minute refills at the new rate, one request every 15 s.
         let limits = KeyLimits {
             rpm: Some(4),
             ..limits
         };
-        for _ in 0..2 {
-            let plan = scope.plan(&limits, Demand::default(), 0, Scope::Key, &mut blocked);
-            scope.commit(plan);
-        }
-        assert!(blocked.worst.is_none());
+        let mut blocked = Blocked::default();
         scope.plan(&limits, Demand::default(), 0, Scope::Key, &mut blocked);
         assert_eq!(blocked.worst.map(|(w, _)| w), Some(Duration::from_secs(15)));
+        let mut blocked = Blocked::default();
+        let plan = scope.plan(
+            &limits,
+            Demand::default(),
+            15 * SECOND,
+            Scope::Key,
+            &mut blocked,
+        );
+        assert!(blocked.worst.is_none());
+        scope.commit(plan);
+        assert_eq!(
+            scope
+                .state(&limits, 15 * SECOND)
+                .requests
+                .unwrap()
+                .remaining,
+            0
+        );
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Ledger test helpers: sample usage records, a ledger configuration in a
 //! temporary directory, and the test databases of both backends.
 
+// Helpers outside `#[test]` functions panic on purpose: a failed helper is a
+// failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -22,7 +26,7 @@ pub fn sample_record(i: u64, started_at: DateTime<Utc>) -> UsageRecord {
         team: Some(format!("team_{}", i % 2)),
         model: Some("claude-sonnet-4-5".to_owned()),
         endpoint: "/v1/messages".to_owned(),
-        stream: i % 2 == 0,
+        stream: i.is_multiple_of(2),
         status: 200,
         outcome: Outcome::Completed,
         error_type: None,

@@ -5,6 +5,10 @@
 //! When the server cannot be reached, a test fails under `CI=true` and is
 //! skipped (with a loud message) otherwise.
 
+// Helpers outside `#[test]` functions panic on purpose: a failed helper is a
+// failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 

@@ -2,6 +2,10 @@
 //! (every open connection is reset and new ones are refused) and restore, to
 //! make the server unreachable mid-test.
 
+// Helpers outside `#[test]` functions panic on purpose: a failed helper is a
+// failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

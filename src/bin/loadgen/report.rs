@@ -1057,7 +1057,7 @@ mod tests {
         let scenario = &scenarios()[0];
         let medians = medians(scenario, &refs);
         let rps = &scenario.metrics[0];
-        assert_eq!(cell(rps, &medians, "direct"), "1,000");
+        assert_eq!(cell(rps, &medians, "direct"), "1,000 (2.00×n)");
         assert_eq!(cell(rps, &medians, "nginx"), "500 (0.50×d)");
         assert_eq!(
             cell(rps, &medians, "tollgate-postgres"),
