@@ -16,12 +16,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, HealthCheck};
 use crate::config::Config;
+use crate::ledger::LedgerHandle;
+use crate::limits::{KeyLimits, Limiter};
 use crate::meter::body::{Recorder, RecorderSettings};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::record::{LogSink, SharedSink};
+use crate::proxy::admission::Admission;
+use crate::record::SharedSink;
 use crate::server::{self, Listener};
 use crate::upstream::{RetryPolicy, Upstream};
+
+/// Longest wait at shutdown for the store to take the last records; whatever
+/// it has not taken stays in the journal and is replayed at the next start.
+const LEDGER_FLUSH_WAIT: Duration = Duration::from_secs(10);
 
 /// Optional parts a test (or embedder) can supply instead of the defaults.
 #[derive(Default)]
@@ -47,6 +54,7 @@ pub struct RunningApp {
     admin_shutdown: CancellationToken,
     drain_tasks: TaskTracker,
     drain_timeout: Duration,
+    ledger: Option<LedgerHandle>,
 }
 
 impl App {
@@ -57,10 +65,21 @@ impl App {
             None => Registry::new(),
         };
         let metrics = Metrics::new(&registry).context("registering metrics")?;
-        let sink: SharedSink = match options.sink {
-            Some(sink) => sink,
-            None => Arc::new(LogSink),
+        let (sink, ledger): (SharedSink, Option<LedgerHandle>) = match options.sink {
+            Some(sink) => (sink, None),
+            None => {
+                let (sink, handle) = crate::ledger::start(&config.raw.ledger, &registry).await?;
+                (sink, Some(handle))
+            }
         };
+        let limits = &config.raw.limits;
+        let limiter =
+            Arc::new(Limiter::new(limits, &registry).context("building the rate limiter")?);
+        let admission = Admission::new(
+            limiter.clone(),
+            KeyLimits::global(limits).is_some(),
+            limits.max_wait,
+        );
         let prices = Some(crate::prices::load_configured(
             &config.raw.prices,
             &registry,
@@ -72,6 +91,7 @@ impl App {
             sink,
             metrics,
             prices,
+            Some(limiter),
             RecorderSettings {
                 policy: meter.on_client_disconnect,
                 idle_timeout: config.raw.upstream.idle_timeout,
@@ -87,6 +107,8 @@ impl App {
         let proxy = Arc::new(Proxy::new(
             upstream,
             retry,
+            admission,
+            KeyLimits::defaults(limits),
             recorder.clone(),
             config.raw.server.max_body_bytes,
         ));
@@ -107,7 +129,10 @@ impl App {
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
 
-        let checks: Vec<Arc<dyn HealthCheck>> = Vec::new();
+        let mut checks: Vec<Arc<dyn HealthCheck>> = Vec::new();
+        if let Some(ledger) = &ledger {
+            checks.push(Arc::new(ledger.status()));
+        }
         let admin = Arc::new(Admin::new(registry.clone(), checks));
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
@@ -150,6 +175,7 @@ impl App {
             admin_shutdown,
             drain_tasks,
             drain_timeout: meter.drain_timeout,
+            ledger,
         })
     }
 }
@@ -209,6 +235,9 @@ impl RunningApp {
             .is_err()
         {
             tracing::warn!("drains did not finish in time");
+        }
+        if let Some(ledger) = self.ledger.take() {
+            ledger.shutdown(LEDGER_FLUSH_WAIT).await;
         }
         self.admin_shutdown.cancel();
         if !admin_done {

@@ -27,8 +27,13 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("{0}")]
     Unauthenticated(&'static str),
-    #[error("rate limit exceeded: {0}")]
-    RateLimited(String, Duration),
+    #[error("rate limit exceeded: {message}; retry in {retry_after:?}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+        /// The key's `tollgate-ratelimit-*` state.
+        headers: Vec<(&'static str, String)>,
+    },
     #[error("budget exhausted: {0}")]
     BudgetExhausted(String),
     #[error("upstream connection failed: {0}")]
@@ -37,8 +42,8 @@ pub enum GatewayError {
     UpstreamTimeout(Duration),
     #[error("upstream failed: {0}")]
     UpstreamProtocol(String),
-    #[error("tollgate is shutting down")]
-    ShuttingDown,
+    #[error("tollgate cannot take requests now: {0}")]
+    Overloaded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -51,13 +56,13 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            GatewayError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BudgetExhausted(_) => StatusCode::PAYMENT_REQUIRED,
             GatewayError::UpstreamConnect(_) | GatewayError::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -69,11 +74,11 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::BadRequest(_) => "invalid_request_error",
             GatewayError::Unauthenticated(_) => "authentication_error",
-            GatewayError::RateLimited(..) => "rate_limit_error",
+            GatewayError::RateLimited { .. } => "rate_limit_error",
             GatewayError::BudgetExhausted(_) => "billing_error",
             GatewayError::UpstreamTimeout(_) => "timeout_error",
             GatewayError::UpstreamConnect(_) | GatewayError::UpstreamProtocol(_) => "api_error",
-            GatewayError::ShuttingDown => "overloaded_error",
+            GatewayError::Overloaded(_) => "overloaded_error",
             GatewayError::Internal(_) => "api_error",
         }
     }
@@ -85,12 +90,12 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "too_large",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::Unauthenticated(_) => "unauthenticated",
-            GatewayError::RateLimited(..) => "rate_limited",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::BudgetExhausted(_) => "over_budget",
             GatewayError::UpstreamConnect(_) => "upstream_connect",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::UpstreamProtocol(_) => "upstream_protocol",
-            GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::Overloaded(_) => "overloaded",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -113,13 +118,25 @@ impl GatewayError {
             "x-should-retry",
             HeaderValue::from_static(self.should_retry()),
         );
-        if let GatewayError::RateLimited(_, wait) = self {
-            let secs = wait.as_millis().div_ceil(1000).max(1);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+        if let GatewayError::RateLimited {
+            retry_after,
+            headers: state,
+            ..
+        } = self
+        {
+            let millis = u64::try_from(retry_after.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
             headers.insert(
-                "retry-after-ms",
-                HeaderValue::from(wait.as_millis().max(1) as u64),
+                header::RETRY_AFTER,
+                HeaderValue::from(millis.div_ceil(1000)),
             );
+            headers.insert("retry-after-ms", HeaderValue::from(millis));
+            for (name, value) in state {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    headers.insert(*name, v);
+                }
+            }
         }
         response
     }
@@ -127,11 +144,11 @@ impl GatewayError {
     /// Tells the official SDKs whether to retry (they honour `x-should-retry`).
     fn should_retry(&self) -> &'static str {
         match self {
-            GatewayError::RateLimited(..)
+            GatewayError::RateLimited { .. }
             | GatewayError::UpstreamConnect(_)
             | GatewayError::UpstreamTimeout(_)
             | GatewayError::UpstreamProtocol(_)
-            | GatewayError::ShuttingDown
+            | GatewayError::Overloaded(_)
             | GatewayError::Internal(_) => "true",
             _ => "false",
         }
@@ -164,12 +181,17 @@ mod tests {
 
     #[test]
     fn rate_limit_headers_are_rounded_up() {
-        let e = GatewayError::RateLimited("rpm".into(), Duration::from_millis(1200));
+        let e = GatewayError::RateLimited {
+            message: "rpm".into(),
+            retry_after: Duration::from_millis(1200),
+            headers: vec![("tollgate-ratelimit-requests-limit", "60".into())],
+        };
         let r = e.to_response("req_1");
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "2");
         assert_eq!(r.headers()["retry-after-ms"], "1200");
         assert_eq!(r.headers()[REQUEST_ID_HEADER], "req_1");
+        assert_eq!(r.headers()["tollgate-ratelimit-requests-limit"], "60");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! with its body wrapped in a [`MeteredBody`]. Errors tollgate originates go
 //! through [`GatewayError::to_response`], the one place that shapes them.
 
+pub mod admission;
 pub mod identity;
 pub mod request_info;
 
@@ -20,9 +21,11 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::error::{GatewayError, REQUEST_ID_HEADER};
+use crate::limits::KeyLimits;
 use crate::meter::Meter;
 use crate::meter::body::{MeteredBody, Recorder, RequestContext, ResponseFacts};
 use crate::upstream::{RetryPolicy, Upstream, retry_hint, retryable_status, should_retry};
+use admission::{Admission, Caller};
 use identity::Credential;
 use request_info::RequestInfo;
 
@@ -38,6 +41,8 @@ const TAGS_HEADER: &str = "tollgate-tags";
 pub struct Proxy {
     upstream: Upstream,
     retry: RetryPolicy,
+    admission: Admission,
+    default_limits: KeyLimits,
     recorder: Arc<Recorder>,
     max_body_bytes: u64,
 }
@@ -47,12 +52,16 @@ impl Proxy {
     pub fn new(
         upstream: Upstream,
         retry: RetryPolicy,
+        admission: Admission,
+        default_limits: KeyLimits,
         recorder: Arc<Recorder>,
         max_body_bytes: u64,
     ) -> Proxy {
         Proxy {
             upstream,
             retry,
+            admission,
+            default_limits,
             recorder,
             max_body_bytes,
         }
@@ -96,13 +105,11 @@ impl Proxy {
             });
         }
         if !self.recorder.sink().accepting() {
-            return Err(GatewayError::ShuttingDown);
+            return Err(GatewayError::Overloaded(
+                "the usage journal is full; retry later".to_owned(),
+            ));
         }
-        let key_id = Credential::from_headers(&parts.headers)
-            .ok_or(GatewayError::Unauthenticated(
-                "missing API key: send x-api-key or Authorization: Bearer",
-            ))?
-            .fingerprint();
+        let caller = self.identify(&parts.headers)?;
 
         let body = self.read_body(&parts.headers, body).await?;
         let endpoint = path.to_owned();
@@ -124,10 +131,17 @@ impl Proxy {
             r
         };
 
+        let demand = Admission::estimate(body.len(), info.max_tokens, billable);
+        let admitted = self.admission.admit(&caller, demand, request_id).await?;
+        self.recorder
+            .metrics()
+            .admission_wait
+            .observe(admitted.waited.as_secs_f64());
+
         let mut ctx = RequestContext {
             request_id: request_id.to_owned(),
-            key_id,
-            team: None,
+            key_id: caller.key_id,
+            team: caller.team,
             requested_model: info.model,
             endpoint,
             end_user: info.end_user,
@@ -135,7 +149,8 @@ impl Proxy {
             long_context_beta: header_str(&parts.headers, "anthropic-beta")
                 .is_some_and(crate::prices::is_long_context_beta),
             attempts: 1,
-            queued_ms: 0,
+            queued_ms: u64::try_from(admitted.waited.as_millis()).unwrap_or(u64::MAX),
+            reservation: admitted.reservation,
             started,
             started_at,
             forwarded: Instant::now(),
@@ -206,8 +221,26 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             parts.headers.insert(REQUEST_ID_HEADER, v);
         }
+        for (name, value) in admitted.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                parts.headers.insert(name, v);
+            }
+        }
         let body = MeteredBody::new(body, meter, ctx, facts, self.recorder.clone());
         Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// Identifies the caller from its credential.
+    fn identify(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+        let credential = Credential::from_headers(headers).ok_or(GatewayError::Unauthenticated(
+            "missing API key: send x-api-key or Authorization: Bearer",
+        ))?;
+        Ok(Caller {
+            key_id: credential.fingerprint(),
+            team: None,
+            limits: self.default_limits,
+            shadow: false,
+        })
     }
 
     /// Reads the whole request body, refusing more than `max_body_bytes`.

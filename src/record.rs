@@ -122,19 +122,11 @@ pub trait UsageSink: Send + Sync + 'static {
 /// A shared sink.
 pub type SharedSink = Arc<dyn UsageSink>;
 
-/// Writes one structured log line per request. Used when no ledger is attached.
-#[derive(Debug, Default)]
-pub struct LogSink;
-
-impl UsageSink for LogSink {
-    fn record(&self, r: UsageRecord) {
-        log_record(&r);
-    }
-}
-
-/// Logs a record as one structured line; no secret is part of a record.
+/// Logs a record as one structured line at `debug` (target `tollgate::usage`;
+/// enable with `log.level = "info,tollgate::usage=debug"`). No secret is part of
+/// a record.
 pub fn log_record(r: &UsageRecord) {
-    tracing::info!(
+    tracing::debug!(
         target: "tollgate::usage",
         request_id = %r.request_id,
         upstream_request_id = r.upstream_request_id.as_deref().unwrap_or(""),

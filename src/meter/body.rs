@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::DisconnectPolicy;
 use crate::error::sse_error_event;
+use crate::limits::{Demand, Limiter, Reservation};
 use crate::meter::{Meter, MeterReading};
 use crate::metrics::Metrics;
 use crate::record::{Outcome, SharedSink, UsageRecord};
@@ -45,6 +46,8 @@ pub struct RequestContext {
     pub long_context_beta: bool,
     pub attempts: u32,
     pub queued_ms: u64,
+    /// The rate-limit reservation made at admission, settled at the end.
+    pub reservation: Option<Reservation>,
     /// When the request arrived.
     pub started: Instant,
     pub started_at: DateTime<Utc>,
@@ -83,6 +86,7 @@ pub struct Recorder {
     sink: SharedSink,
     metrics: Metrics,
     prices: Option<Arc<crate::prices::Pricer>>,
+    limiter: Option<Arc<Limiter>>,
     policy: DisconnectPolicy,
     idle_timeout: Duration,
     drain_timeout: Duration,
@@ -102,12 +106,14 @@ pub struct RecorderSettings {
 }
 
 impl Recorder {
-    /// Creates the recorder. `drain_tasks` is owned by the app, which waits for
-    /// it at shutdown.
+    /// Creates the recorder. `drain_tasks` (also used for rate-limit settlements
+    /// that cannot finish at once) is owned by the app, which waits for it at
+    /// shutdown.
     pub fn new(
         sink: SharedSink,
         metrics: Metrics,
         prices: Option<Arc<crate::prices::Pricer>>,
+        limiter: Option<Arc<Limiter>>,
         settings: RecorderSettings,
         drain_tasks: TaskTracker,
     ) -> Recorder {
@@ -115,6 +121,7 @@ impl Recorder {
             sink,
             metrics,
             prices,
+            limiter,
             policy: settings.policy,
             idle_timeout: settings.idle_timeout,
             drain_timeout: settings.drain_timeout,
@@ -157,8 +164,38 @@ impl Recorder {
         active.meter.finish();
         let reading = active.meter.reading();
         let model_confirmed = reading.is_some_and(|r| r.model.is_some());
+        let reservation = active.ctx.reservation.take();
         let record = self.build(active.ctx, &active.facts, reading, end, active.first_byte);
+        if let Some(reservation) = reservation {
+            self.settle(reservation, &record.usage);
+        }
         self.emit(record, model_confirmed);
+    }
+
+    /// Replaces a reservation's estimate with the actual usage. Cache reads do
+    /// not count against input limits (as Anthropic counts); cache writes do.
+    /// The local limiter settles at once; a Redis settlement that must wait for
+    /// the network continues as a tracked task.
+    fn settle(&self, reservation: Reservation, usage: &crate::meter::Usage) {
+        let Some(limiter) = self.limiter.clone() else {
+            return;
+        };
+        let actual = Demand {
+            input_tokens: usage.input_tokens + usage.cache_creation_input_tokens,
+            output_tokens: usage.output_tokens,
+        };
+        let mut settlement = Box::pin(async move { limiter.settle(reservation, actual).await });
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if settlement.as_mut().poll(&mut cx).is_pending() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    self.drain_tasks.spawn_on(settlement, &runtime);
+                }
+                // Without a runtime the reservation is dropped: its slot is
+                // freed and its estimate stays counted.
+                Err(_) => drop(settlement),
+            }
+        }
     }
 
     fn emit(&self, mut record: UsageRecord, model_confirmed: bool) {
@@ -172,6 +209,7 @@ impl Recorder {
         }
         self.metrics.observe_record(&record, model_confirmed);
         self.metrics.active_requests.dec();
+        crate::record::log_record(&record);
         self.sink.record(record);
     }
 

@@ -1,0 +1,208 @@
+//! The key cache: lookups by secret hash (the request path) and by id, each
+//! answer — found or not found — trusted for `auth.key_cache_ttl`.
+//!
+//! - **Revocation reaches every replica within the TTL**: an entry older than
+//!   the TTL is read again from the store. The admin API of this replica also
+//!   drops the entries it changes at once.
+//! - **A flood of bad keys costs one store query per key per TTL**: unknown
+//!   keys are cached as "not found" too, and concurrent lookups of the same
+//!   key share one query.
+//! - **The store going down does not lock everyone out**: if a refresh fails,
+//!   the last answer keeps being used (and is trusted for another TTL, so a
+//!   dead store is not asked on every request). Only a key never seen before
+//!   gets an error.
+//! - **Memory is bounded**: past 100,000 entries per map, expired entries are
+//!   dropped, then "not found" entries, then everything. (Expired entries are
+//!   otherwise kept: they are the fallback while the store is down.)
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, Opts, Registry};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use super::{KeyError, KeyRecord, KeyStore};
+
+/// Entries per map before the cache makes room.
+const MAX_ENTRIES: usize = 100_000;
+
+type Answer = Result<Option<Arc<KeyRecord>>, KeyError>;
+
+/// Cached answers of the key store.
+pub struct KeyCache {
+    store: KeyStore,
+    ttl: Duration,
+    by_hash: Map,
+    by_id: Map,
+    lookups: IntCounterVec,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyCache {
+    /// A cache over `store` whose answers live `ttl`. Registers
+    /// `tollgate_key_cache_lookups_total{result}` on `registry`.
+    pub fn new(
+        store: KeyStore,
+        ttl: Duration,
+        registry: &Registry,
+    ) -> Result<KeyCache, prometheus::Error> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "tollgate_key_cache_lookups_total",
+                "Key lookups, by result (hit, miss: read from the store, stale: store failed and the last answer was used, error).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(lookups.clone()))?;
+        Ok(KeyCache {
+            store,
+            ttl,
+            by_hash: Map::default(),
+            by_id: Map::default(),
+            lookups,
+        })
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &KeyStore {
+        &self.store
+    }
+
+    /// The key whose secret hashes to `secret_hash` (hex SHA-256), whatever
+    /// its status; `None` if there is none.
+    pub async fn lookup_hash(&self, secret_hash: &str) -> Answer {
+        self.lookup(&self.by_hash, secret_hash, || self.store.get_by_hash(secret_hash))
+            .await
+    }
+
+    /// The key whose secret is `secret`.
+    pub async fn lookup_secret(&self, secret: &str) -> Answer {
+        self.lookup_hash(&super::secret::hash_secret(secret)).await
+    }
+
+    /// The key with this id.
+    pub async fn lookup_id(&self, id: &str) -> Answer {
+        self.lookup(&self.by_id, id, || self.store.get(id)).await
+    }
+
+    /// Forgets everything cached about a key, so the next lookup reads the
+    /// store (after this replica changed it).
+    pub fn invalidate(&self, id: &str) {
+        lock(&self.by_id.entries).remove(id);
+        lock(&self.by_hash.entries)
+            .retain(|_, e| e.record.as_ref().is_none_or(|r| r.id != id));
+    }
+
+    /// Forgets a "not found" answer for a secret hash (after its key was
+    /// registered).
+    pub fn forget_hash(&self, secret_hash: &str) {
+        lock(&self.by_hash.entries).remove(secret_hash);
+    }
+
+    async fn lookup<F, Fut>(&self, map: &Map, key: &str, fetch: F) -> Answer
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Answer>,
+    {
+        let now = Instant::now();
+        let stale = {
+            let entries = lock(&map.entries);
+            match entries.get(key) {
+                Some(e) if now.duration_since(e.fetched) < self.ttl => {
+                    self.lookups.with_label_values(&["hit"]).inc();
+                    return Ok(e.record.clone());
+                }
+                Some(e) => Some(e.record.clone()),
+                None => None,
+            }
+        };
+        // One query per key at a time: later callers wait for the first.
+        let cell = lock(&map.inflight)
+            .entry(key.to_owned())
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        let answer = cell.get_or_init(fetch).await.clone();
+        {
+            let mut inflight = lock(&map.inflight);
+            if inflight.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(key);
+            }
+        }
+        match answer {
+            Ok(record) => {
+                self.lookups.with_label_values(&["miss"]).inc();
+                map.insert(key, record.clone(), self.ttl);
+                Ok(record)
+            }
+            Err(error) => match stale {
+                Some(record) => {
+                    self.lookups.with_label_values(&["stale"]).inc();
+                    tracing::warn!(%error, "key store unavailable: using the last known answer for this key");
+                    map.insert(key, record.clone(), self.ttl);
+                    Ok(record)
+                }
+                None => {
+                    self.lookups.with_label_values(&["error"]).inc();
+                    Err(error)
+                }
+            },
+        }
+    }
+}
+
+/// One cached answer.
+struct Entry {
+    record: Option<Arc<KeyRecord>>,
+    fetched: Instant,
+}
+
+/// The entries of one kind of lookup, and its queries in flight.
+#[derive(Default)]
+struct Map {
+    entries: Mutex<HashMap<String, Entry>>,
+    inflight: Mutex<HashMap<String, Arc<OnceCell<Answer>>>>,
+}
+
+impl Map {
+    fn insert(&self, key: &str, record: Option<Arc<KeyRecord>>, ttl: Duration) {
+        let now = Instant::now();
+        let mut entries = lock(&self.entries);
+        if entries.len() >= MAX_ENTRIES && !entries.contains_key(key) {
+            make_room(&mut entries, ttl);
+        }
+        entries.insert(
+            key.to_owned(),
+            Entry {
+                record,
+                fetched: now,
+            },
+        );
+    }
+}
+
+/// Drops expired entries, then "not found" entries, then everything, until
+/// there is room.
+fn make_room(entries: &mut HashMap<String, Entry>, ttl: Duration) {
+    let now = Instant::now();
+    entries.retain(|_, e| now.duration_since(e.fetched) < ttl);
+    if entries.len() >= MAX_ENTRIES {
+        entries.retain(|_, e| e.record.is_some());
+    }
+    if entries.len() >= MAX_ENTRIES {
+        entries.clear();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
