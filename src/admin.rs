@@ -1,4 +1,5 @@
-//! The admin listener (loopback by default): `/metrics`, `/livez`, `/readyz`.
+//! The admin listener (loopback by default): `/metrics`, `/livez`, `/readyz`,
+//! and the key API under `/admin/v1/` ([`crate::keys::admin_api`]).
 //!
 //! `/livez` answers 200 while the process serves requests. `/readyz` answers 200
 //! when the gateway can take traffic: not shutting down and the usage sink
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 use prometheus::Registry;
 
 use crate::error::error_body;
+use crate::keys::admin_api::KeyAdminApi;
 
 /// A component that reports its state on `/readyz`.
 pub trait HealthCheck: Send + Sync + 'static {
@@ -31,6 +33,7 @@ pub struct Admin {
     registry: Registry,
     checks: Vec<Arc<dyn HealthCheck>>,
     shutting_down: AtomicBool,
+    keys: Option<KeyAdminApi>,
 }
 
 impl Admin {
@@ -40,7 +43,14 @@ impl Admin {
             registry,
             checks,
             shutting_down: AtomicBool::new(false),
+            keys: None,
         }
+    }
+
+    /// Serves the key API under `/admin/v1/` (without it, those paths are 404).
+    pub fn with_key_api(mut self, api: KeyAdminApi) -> Admin {
+        self.keys = Some(api);
+        self
     }
 
     /// Makes `/readyz` fail so load balancers stop sending traffic.
@@ -63,6 +73,18 @@ impl Admin {
                 respond(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
             }
             (&Method::GET, "/readyz") => self.readyz(),
+            (_, path) if path.starts_with("/admin/v1/") => match &self.keys {
+                Some(keys) => keys.handle(request).await,
+                None => respond(
+                    StatusCode::NOT_FOUND,
+                    "application/json",
+                    error_body(
+                        "not_found_error",
+                        "the key API is not served by this process",
+                        "",
+                    ),
+                ),
+            },
             (method, path) => respond(
                 StatusCode::NOT_FOUND,
                 "application/json",

@@ -14,6 +14,8 @@
 //! - [`config`]: defaults, TOML file and environment, validated in two stages.
 //! - [`server`]: listeners, TLS, connection tasks, graceful shutdown.
 //! - [`proxy`]: routing, request reading, identity, forwarding, response wrapping.
+//! - [`keys`]: virtual and passthrough keys, their cache, and key management.
+//! - [`budget`]: spend caps per key per UTC day or month (local or Redis).
 //! - [`limits`]: rate limits per key and global (local or Redis), reserved and settled.
 //! - [`upstream`]: the pooled HTTPS client to the Anthropic API, with timeouts.
 //! - [`meter`]: the body wrapper, the SSE and JSON usage readers.
@@ -28,8 +30,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod budget;
 pub mod config;
 pub mod error;
+pub mod keys;
 pub mod ledger;
 pub mod limits;
 pub mod meter;

@@ -26,6 +26,8 @@ enum Command {
     CheckConfig,
     /// Apply the ledger's database migrations to `ledger.url`.
     Migrate,
+    /// Create, list, show, update and revoke keys in the ledger.
+    Keys(tollgate::keys::cli::KeysArgs),
     /// Report usage from the ledger, grouped and over a time range.
     Usage(tollgate::ledger::cli::UsageArgs),
     /// Recompute stored costs with the current price table.
@@ -65,6 +67,10 @@ fn main() -> ExitCode {
         Command::Migrate => {
             tollgate::telemetry::init(&config.raw.log);
             report(runtime().and_then(|rt| rt.block_on(tollgate::ledger::cli::migrate(&config))))
+        }
+        Command::Keys(args) => {
+            tollgate::telemetry::init(&config.raw.log);
+            report(runtime().and_then(|rt| rt.block_on(tollgate::keys::cli::run(&config, args))))
         }
         Command::Usage(args) => {
             tollgate::telemetry::init(&config.raw.log);
