@@ -133,7 +133,11 @@ impl App {
         if let Some(ledger) = &ledger {
             checks.push(Arc::new(ledger.status()));
         }
-        let admin = Arc::new(Admin::new(registry.clone(), checks));
+        // The key API under /admin/v1/ (src/keys/admin_api.rs), over the ledger.
+        let key_store = crate::keys::KeyStore::open(&config.raw.ledger)?;
+        let key_api =
+            crate::keys::admin_api::KeyAdminApi::new(key_store, config.raw.admin.token.as_ref());
+        let admin = Arc::new(Admin::new(registry.clone(), checks).with_key_api(key_api));
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
         let grace = config.raw.server.shutdown_grace;
@@ -215,9 +219,13 @@ impl RunningApp {
         let mut admin_done = false;
         tokio::select! {
             () = self.shutdown.cancelled() => {}
+            // A listener task ends by itself only after shutdown began (it
+            // may win this race) or when it failed.
             result = &mut self.proxy_task => {
                 proxy_done = true;
-                failure = Some(format!("proxy listener task ended: {result:?}"));
+                if !self.shutdown.is_cancelled() || result.is_err() {
+                    failure = Some(format!("proxy listener task ended: {result:?}"));
+                }
             }
             result = &mut self.admin_task => {
                 admin_done = true;
@@ -258,10 +266,18 @@ impl RunningApp {
 
 /// `tollgate serve`: runs the gateway until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Listen for signals before binding: a SIGTERM that arrives as soon as the
+    // listener is up must start a graceful shutdown, not kill the process.
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let app = App::start(config, AppOptions::default()).await?;
     let token = app.shutdown_token();
     let signals = tokio::spawn(async move {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         tracing::info!("shutdown signal received");
         token.cancel();
     });
@@ -269,20 +285,4 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     signals.abort();
     tracing::info!("tollgate stopped");
     result
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops tollgate");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -432,10 +432,7 @@ impl Budgets {
                     entry.finish_seed(*sums);
                 }
                 drop(totals);
-                tracing::info!(
-                    keys = all.len(),
-                    "budget totals seeded from the ledger"
-                );
+                tracing::info!(keys = all.len(), "budget totals seeded from the ledger");
                 if let Some(shared) = &inner.shared {
                     shared.seed_all(&all, now).await;
                 }
@@ -489,7 +486,16 @@ mod tests {
         assert_eq!(parse_usd(".5"), Ok(500_000_000));
         assert_eq!(parse_usd("0.000000001"), Ok(1));
         assert_eq!(parse_usd("9223372036.854775807"), Ok(i64::MAX));
-        for bad in ["", ".", "-1", "1e3", "1.0000000001", "1,5", "abc", "9223372037"] {
+        for bad in [
+            "",
+            ".",
+            "-1",
+            "1e3",
+            "1.0000000001",
+            "1,5",
+            "abc",
+            "9223372037",
+        ] {
             assert!(parse_usd(bad).is_err(), "{bad:?}");
         }
     }
@@ -511,9 +517,15 @@ mod tests {
         assert_eq!(BudgetPeriod::Day.start(at), t("2025-12-31T00:00:00Z"));
         assert_eq!(BudgetPeriod::Day.next_start(at), t("2026-01-01T00:00:00Z"));
         assert_eq!(BudgetPeriod::Month.start(at), t("2025-12-01T00:00:00Z"));
-        assert_eq!(BudgetPeriod::Month.next_start(at), t("2026-01-01T00:00:00Z"));
+        assert_eq!(
+            BudgetPeriod::Month.next_start(at),
+            t("2026-01-01T00:00:00Z")
+        );
         let leap = t("2024-02-29T12:00:00Z");
-        assert_eq!(BudgetPeriod::Month.next_start(leap), t("2024-03-01T00:00:00Z"));
+        assert_eq!(
+            BudgetPeriod::Month.next_start(leap),
+            t("2024-03-01T00:00:00Z")
+        );
         let midnight = t("2025-06-01T00:00:00Z");
         assert_eq!(BudgetPeriod::Day.start(midnight), midnight);
         assert_eq!(BudgetPeriod::Month.start(midnight), midnight);

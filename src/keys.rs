@@ -217,7 +217,11 @@ impl Keys {
         config: &AuthConfig,
         registry: &Registry,
     ) -> Result<(Keys, PassthroughHandle), prometheus::Error> {
-        let cache = Arc::new(KeyCache::new(store.clone(), config.key_cache_ttl, registry)?);
+        let cache = Arc::new(KeyCache::new(
+            store.clone(),
+            config.key_cache_ttl,
+            registry,
+        )?);
         let failures = IntCounterVec::new(
             Opts::new(
                 "tollgate_auth_failures_total",

@@ -199,10 +199,12 @@ impl std::fmt::Debug for LedgerSink {
 }
 
 impl UsageSink for LedgerSink {
-    fn record(&self, record: UsageRecord) {
+    fn record(&self, record: UsageRecord) -> crate::record::RecordAck {
         self.shared.metrics.queue_depth.inc();
+        let (ack, acked) = tokio::sync::oneshot::channel();
         if let Err(mpsc::SendError(message)) =
-            self.tx.send(JournalMsg::Record(Box::new(record), now_ms()))
+            self.tx
+                .send(JournalMsg::Record(Box::new(record), now_ms(), ack))
         {
             self.shared.metrics.queue_depth.dec();
             self.shared
@@ -210,13 +212,15 @@ impl UsageSink for LedgerSink {
                 .records
                 .with_label_values(&["dropped"])
                 .inc();
-            if let JournalMsg::Record(record, _) = message {
+            if let JournalMsg::Record(record, _, _) = message {
                 tracing::error!(
                     record = %serde_json::to_string(&record).unwrap_or_default(),
                     "usage journal has stopped; this record is only in this log line"
                 );
             }
+            return None;
         }
+        Some(acked)
     }
 
     fn accepting(&self) -> bool {

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub active_requests: IntGauge,
     pub meter_parse_errors: IntCounter,
     pub inexact_usage: IntCounter,
+    pub record_ack_timeouts: IntCounter,
     pub rejected: IntCounterVec,
     pub upstream_failures: IntCounterVec,
     pub upstream_retries: IntCounterVec,
@@ -78,6 +79,10 @@ impl Metrics {
                 "tollgate_inexact_usage_total",
                 "Requests recorded with usage_exact = false.",
             )?,
+            record_ack_timeouts: IntCounter::new(
+                "tollgate_record_ack_timeouts_total",
+                "Responses ended before their record was written to the journal (journal slower than 2 s).",
+            )?,
             rejected: IntCounterVec::new(
                 Opts::new("tollgate_rejected_requests_total", "Requests tollgate answered itself, by reason."),
                 &["reason"],
@@ -109,6 +114,7 @@ impl Metrics {
         registry.register(Box::new(m.active_requests.clone()))?;
         registry.register(Box::new(m.meter_parse_errors.clone()))?;
         registry.register(Box::new(m.inexact_usage.clone()))?;
+        registry.register(Box::new(m.record_ack_timeouts.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.upstream_failures.clone()))?;
         registry.register(Box::new(m.upstream_retries.clone()))?;

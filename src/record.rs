@@ -106,11 +106,17 @@ pub struct UsageRecord {
     pub long_context_beta: bool,
 }
 
+/// Resolves once a sink holds a record safely enough to survive the process
+/// being killed. `None`: nothing to wait for.
+pub type RecordAck = Option<tokio::sync::oneshot::Receiver<()>>;
+
 /// Where finalised records go. `record` is called exactly once per request,
 /// possibly from a `Drop`, so it must not block.
 pub trait UsageSink: Send + Sync + 'static {
-    /// Takes ownership of one finalised record.
-    fn record(&self, record: UsageRecord);
+    /// Takes ownership of one finalised record. The metered body holds the end
+    /// of a response until the returned ack resolves (briefly), so a client
+    /// never sees a request finish before its record is in the journal.
+    fn record(&self, record: UsageRecord) -> RecordAck;
 
     /// Whether the sink can take more records. When false, the proxy refuses
     /// new requests (503) rather than forward traffic it could not account for.

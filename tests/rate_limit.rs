@@ -19,7 +19,10 @@ async fn a_key_over_its_rpm_waits_within_max_wait_and_succeeds() {
     let gw = start_gateway(
         mock.url(),
         None,
-        &[("TOLLGATE__LIMITS__RPM", "60"), ("TOLLGATE__LIMITS__MAX_WAIT", "5s")],
+        &[
+            ("TOLLGATE__LIMITS__RPM", "60"),
+            ("TOLLGATE__LIMITS__MAX_WAIT", "5s"),
+        ],
     )
     .await;
     let client = http_client();
@@ -28,7 +31,11 @@ async fn a_key_over_its_rpm_waits_within_max_wait_and_succeeds() {
     let mut last = None;
     // A burst of 60 fits at once; the next two wait about a second each.
     for _ in 0..62 {
-        let resp = send(&client, request(Method::POST, &url, messages_body(false, 10), &[])).await;
+        let resp = send(
+            &client,
+            request(Method::POST, &url, messages_body(false, 10), &[]),
+        )
+        .await;
         assert_eq!(resp.status, 200, "{}", resp.text());
         last = Some(resp);
     }
@@ -37,12 +44,26 @@ async fn a_key_over_its_rpm_waits_within_max_wait_and_succeeds() {
     let last = last.unwrap();
     assert_eq!(last.headers["tollgate-ratelimit-requests-limit"], "60");
     assert_eq!(last.headers["tollgate-ratelimit-requests-remaining"], "0");
-    assert!(last.headers.contains_key("tollgate-ratelimit-requests-reset"));
+    assert!(
+        last.headers
+            .contains_key("tollgate-ratelimit-requests-reset")
+    );
     let record = gw.sink.wait_for_request(&last.request_id()).await;
     assert!(record.queued_ms >= 800, "queued {} ms", record.queued_ms);
-    let metrics = send(&client, request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[])).await.text();
-    assert!(metrics.contains(r#"tollgate_limiter_decisions_total{outcome="waited"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"tollgate_limiter_decisions_total{outcome="admitted"} 60"#), "{metrics}");
+    let metrics = send(
+        &client,
+        request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[]),
+    )
+    .await
+    .text();
+    assert!(
+        metrics.contains(r#"tollgate_limiter_decisions_total{outcome="waited"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tollgate_limiter_decisions_total{outcome="admitted"} 60"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -51,27 +72,55 @@ async fn beyond_max_wait_the_answer_is_a_429_with_the_real_retry_time() {
     let gw = start_gateway(
         mock.url(),
         None,
-        &[("TOLLGATE__LIMITS__RPM", "60"), ("TOLLGATE__LIMITS__MAX_WAIT", "50ms")],
+        &[
+            ("TOLLGATE__LIMITS__RPM", "60"),
+            ("TOLLGATE__LIMITS__MAX_WAIT", "50ms"),
+        ],
     )
     .await;
     let client = http_client();
     let url = format!("{}/v1/messages", gw.url());
     for _ in 0..60 {
-        let resp = send(&client, request(Method::POST, &url, messages_body(false, 10), &[])).await;
+        let resp = send(
+            &client,
+            request(Method::POST, &url, messages_body(false, 10), &[]),
+        )
+        .await;
         assert_eq!(resp.status, 200);
     }
-    let resp = send(&client, request(Method::POST, &url, messages_body(false, 10), &[])).await;
+    let resp = send(
+        &client,
+        request(Method::POST, &url, messages_body(false, 10), &[]),
+    )
+    .await;
     assert_eq!(resp.status, 429);
     let body = resp.json();
     assert_eq!(body["error"]["type"], "rate_limit_error");
-    assert!(body["error"]["message"].as_str().unwrap().contains("requests per minute"), "{body}");
-    let retry_ms: u64 = resp.headers["retry-after-ms"].to_str().unwrap().parse().unwrap();
-    assert!((900..=1000).contains(&retry_ms), "retry-after-ms {retry_ms}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("requests per minute"),
+        "{body}"
+    );
+    let retry_ms: u64 = resp.headers["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (900..=1000).contains(&retry_ms),
+        "retry-after-ms {retry_ms}"
+    );
     assert_eq!(resp.headers["retry-after"], "1");
     assert_eq!(resp.headers["tollgate-ratelimit-requests-remaining"], "0");
     // After the advertised time the request fits.
     tokio::time::sleep(Duration::from_millis(retry_ms)).await;
-    let resp = send(&client, request(Method::POST, &url, messages_body(false, 10), &[])).await;
+    let resp = send(
+        &client,
+        request(Method::POST, &url, messages_body(false, 10), &[]),
+    )
+    .await;
     assert_eq!(resp.status, 200);
     // The refused request was never forwarded and has no row.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -86,7 +135,10 @@ async fn output_tokens_are_reserved_from_max_tokens_and_settled_with_usage() {
     let gw = start_gateway(
         mock.url(),
         None,
-        &[("TOLLGATE__LIMITS__OUTPUT_TPM", "6000"), ("TOLLGATE__LIMITS__MAX_WAIT", "50ms")],
+        &[
+            ("TOLLGATE__LIMITS__OUTPUT_TPM", "6000"),
+            ("TOLLGATE__LIMITS__MAX_WAIT", "50ms"),
+        ],
     )
     .await;
     let client = http_client();
@@ -95,20 +147,45 @@ async fn output_tokens_are_reserved_from_max_tokens_and_settled_with_usage() {
     // Each request reserves max_tokens = 4,000 but uses 10: settlement gives the
     // rest back, so requests keep fitting.
     for _ in 0..5 {
-        let resp = send(&client, request(Method::POST, &url, messages_body(false, 4000), &headers)).await;
+        let resp = send(
+            &client,
+            request(Method::POST, &url, messages_body(false, 4000), &headers),
+        )
+        .await;
         assert_eq!(resp.status, 200, "{}", resp.text());
     }
     // Two launched together cannot both reserve 4,000 of 6,000.
     let a = tokio::spawn({
         let (client, url) = (client.clone(), url.clone());
         async move {
-            send(&client, request(Method::POST, &url, messages_body(true, 4000), &[("x-mock-output-tokens", "10"), ("x-mock-event-delay-ms", "100")])).await
+            send(
+                &client,
+                request(
+                    Method::POST,
+                    &url,
+                    messages_body(true, 4000),
+                    &[
+                        ("x-mock-output-tokens", "10"),
+                        ("x-mock-event-delay-ms", "100"),
+                    ],
+                ),
+            )
+            .await
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let b = send(&client, request(Method::POST, &url, messages_body(false, 4000), &headers)).await;
+    let b = send(
+        &client,
+        request(Method::POST, &url, messages_body(false, 4000), &headers),
+    )
+    .await;
     assert_eq!(b.status, 429, "{}", b.text());
-    assert!(b.json()["error"]["message"].as_str().unwrap().contains("output tokens"));
+    assert!(
+        b.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("output tokens")
+    );
     assert_eq!(a.await.unwrap().status, 200);
 }
 
@@ -118,7 +195,10 @@ async fn max_concurrent_holds_while_streams_are_open() {
     let gw = start_gateway(
         mock.url(),
         None,
-        &[("TOLLGATE__LIMITS__MAX_CONCURRENT", "1"), ("TOLLGATE__LIMITS__MAX_WAIT", "50ms")],
+        &[
+            ("TOLLGATE__LIMITS__MAX_CONCURRENT", "1"),
+            ("TOLLGATE__LIMITS__MAX_WAIT", "50ms"),
+        ],
     )
     .await;
     let client = http_client();
@@ -126,15 +206,42 @@ async fn max_concurrent_holds_while_streams_are_open() {
     let slow = tokio::spawn({
         let (client, url) = (client.clone(), url.clone());
         async move {
-            send(&client, request(Method::POST, &url, messages_body(true, 100), &[("x-mock-output-tokens", "5"), ("x-mock-event-delay-ms", "100")])).await
+            send(
+                &client,
+                request(
+                    Method::POST,
+                    &url,
+                    messages_body(true, 100),
+                    &[
+                        ("x-mock-output-tokens", "5"),
+                        ("x-mock-event-delay-ms", "100"),
+                    ],
+                ),
+            )
+            .await
         }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let refused = send(&client, request(Method::POST, &url, messages_body(false, 10), &[])).await;
+    let refused = send(
+        &client,
+        request(Method::POST, &url, messages_body(false, 10), &[]),
+    )
+    .await;
     assert_eq!(refused.status, 429);
-    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("concurren"), "{}", refused.text());
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("concurren"),
+        "{}",
+        refused.text()
+    );
     assert_eq!(slow.await.unwrap().status, 200);
     // The finished stream released its slot.
-    let resp = send(&client, request(Method::POST, &url, messages_body(false, 10), &[])).await;
+    let resp = send(
+        &client,
+        request(Method::POST, &url, messages_body(false, 10), &[]),
+    )
+    .await;
     assert_eq!(resp.status, 200);
 }

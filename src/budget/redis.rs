@@ -217,8 +217,7 @@ impl RedisBudgets {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(
-            run(shared.clone(), rx, cancel.clone())
-                .instrument(tracing::info_span!("budget-redis")),
+            run(shared.clone(), rx, cancel.clone()).instrument(tracing::info_span!("budget-redis")),
         );
         Ok((
             RedisBudgets { shared, tx },
@@ -454,7 +453,10 @@ impl Shared {
         let mut by_key: HashMap<String, Vec<(String, Pending)>> = HashMap::new();
         for (counter, p) in missing {
             if p.start == p.period.start(now) {
-                by_key.entry(p.key_id.clone()).or_default().push((counter, p));
+                by_key
+                    .entry(p.key_id.clone())
+                    .or_default()
+                    .push((counter, p));
             }
         }
         for (key_id, counters) in by_key {
@@ -611,7 +613,10 @@ impl Shared {
 }
 
 /// Puts additions back to wait for the next attempt (merging with newer ones).
-fn requeue(pending: &mut HashMap<String, Pending>, items: impl IntoIterator<Item = (String, Pending)>) {
+fn requeue(
+    pending: &mut HashMap<String, Pending>,
+    items: impl IntoIterator<Item = (String, Pending)>,
+) {
     for (counter, p) in items {
         if let Some(existing) = pending.get_mut(&counter) {
             existing.amount = existing.amount.saturating_add(p.amount);

@@ -36,10 +36,7 @@ impl Ledger {
 
 /// The periods a seed at `now` covers.
 fn starts(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-    (
-        BudgetPeriod::Day.start(now),
-        BudgetPeriod::Month.start(now),
-    )
+    (BudgetPeriod::Day.start(now), BudgetPeriod::Month.start(now))
 }
 
 /// One key's spend in the day and month containing `now`.

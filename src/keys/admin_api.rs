@@ -81,7 +81,7 @@ impl KeyAdminApi {
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
     where
         B: http_body::Body,
-        B::Error: std::fmt::Display,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let request_id = format!("adm_{}", uuid::Uuid::now_v7().simple());
         let (status, body) = match self.route(request).await {
@@ -112,7 +112,7 @@ impl KeyAdminApi {
     ) -> Result<(StatusCode, serde_json::Value), Failure>
     where
         B: http_body::Body,
-        B::Error: std::fmt::Display,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         self.authorize(request.headers())?;
         let (parts, body) = request.into_parts();
@@ -139,12 +139,13 @@ impl KeyAdminApi {
             (None, &Method::POST) => {
                 let body = read_json(body).await?;
                 let spec = manage::spec_from_json(&body, now).map_err(invalid)?;
-                let created = manage::create_key(&self.store, spec, now)
-                    .await
-                    .map_err(|e| match e {
-                        CreateError::Invalid(problems) => invalid(problems),
-                        CreateError::Store(e) => store_failure(e),
-                    })?;
+                let created =
+                    manage::create_key(&self.store, spec, now)
+                        .await
+                        .map_err(|e| match e {
+                            CreateError::Invalid(problems) => invalid(problems),
+                            CreateError::Store(e) => store_failure(e),
+                        })?;
                 tracing::info!(key_id = %created.key.id, name = %created.key.name,
                     team = ?created.key.team, "key created through the admin API");
                 let mut view = serde_json::to_value(KeyView::of(&created.key, now))
@@ -194,7 +195,8 @@ impl KeyAdminApi {
                         format!("no key with id {id:?}"),
                     )
                 })?;
-                let view = serde_json::to_value(KeyView::of(&key, now)).map_err(|e| internal(&e))?;
+                let view =
+                    serde_json::to_value(KeyView::of(&key, now)).map_err(|e| internal(&e))?;
                 Ok((StatusCode::OK, view))
             }
             (Some(_), method) => Err(Failure(
@@ -251,7 +253,7 @@ impl KeyAdminApi {
 async fn read_json<B>(body: B) -> Result<serde_json::Value, Failure>
 where
     B: http_body::Body,
-    B::Error: std::fmt::Display,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let bytes = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),

@@ -59,7 +59,7 @@ impl KeyCache {
         let lookups = IntCounterVec::new(
             Opts::new(
                 "tollgate_key_cache_lookups_total",
-                "Key lookups, by result (hit, miss: read from the store, stale: store failed and the last answer was used, error).",
+                "Key lookups, by result (hit; miss: read from the store; shared: waited for another lookup's read; stale: the store failed and the last answer was used; error).",
             ),
             &["result"],
         )?;
@@ -81,8 +81,10 @@ impl KeyCache {
     /// The key whose secret hashes to `secret_hash` (hex SHA-256), whatever
     /// its status; `None` if there is none.
     pub async fn lookup_hash(&self, secret_hash: &str) -> Answer {
-        self.lookup(&self.by_hash, secret_hash, || self.store.get_by_hash(secret_hash))
-            .await
+        self.lookup(&self.by_hash, secret_hash, || async {
+            Ok(self.store.get_by_hash(secret_hash).await?.map(Arc::new))
+        })
+        .await
     }
 
     /// The key whose secret is `secret`.
@@ -92,15 +94,17 @@ impl KeyCache {
 
     /// The key with this id.
     pub async fn lookup_id(&self, id: &str) -> Answer {
-        self.lookup(&self.by_id, id, || self.store.get(id)).await
+        self.lookup(&self.by_id, id, || async {
+            Ok(self.store.get(id).await?.map(Arc::new))
+        })
+        .await
     }
 
     /// Forgets everything cached about a key, so the next lookup reads the
     /// store (after this replica changed it).
     pub fn invalidate(&self, id: &str) {
         lock(&self.by_id.entries).remove(id);
-        lock(&self.by_hash.entries)
-            .retain(|_, e| e.record.as_ref().is_none_or(|r| r.id != id));
+        lock(&self.by_hash.entries).retain(|_, e| e.record.as_ref().is_none_or(|r| r.id != id));
     }
 
     /// Forgets a "not found" answer for a secret hash (after its key was
@@ -131,24 +135,33 @@ impl KeyCache {
             .entry(key.to_owned())
             .or_insert_with(|| Arc::new(OnceCell::new()))
             .clone();
-        let answer = cell.get_or_init(fetch).await.clone();
-        {
-            let mut inflight = lock(&map.inflight);
-            if inflight.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                inflight.remove(key);
-            }
-        }
-        match answer {
+        let mut queried = false;
+        let answer = cell
+            .get_or_init(|| {
+                queried = true;
+                fetch()
+            })
+            .await
+            .clone();
+        let result = match answer {
             Ok(record) => {
-                self.lookups.with_label_values(&["miss"]).inc();
-                map.insert(key, record.clone(), self.ttl);
+                self.lookups
+                    .with_label_values(&[if queried { "miss" } else { "shared" }])
+                    .inc();
+                if queried {
+                    map.insert(key, record.clone(), self.ttl);
+                }
                 Ok(record)
             }
             Err(error) => match stale {
                 Some(record) => {
                     self.lookups.with_label_values(&["stale"]).inc();
-                    tracing::warn!(%error, "key store unavailable: using the last known answer for this key");
-                    map.insert(key, record.clone(), self.ttl);
+                    if queried {
+                        tracing::warn!(%error, "key store unavailable: using the last known answer for this key");
+                        // Trusted for another TTL, so a dead store is not asked
+                        // on every request.
+                        map.insert(key, record.clone(), self.ttl);
+                    }
                     Ok(record)
                 }
                 None => {
@@ -156,7 +169,13 @@ impl KeyCache {
                     Err(error)
                 }
             },
+        };
+        // Only now, with the answer cached, may a new query for the key start.
+        let mut inflight = lock(&map.inflight);
+        if inflight.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(key);
         }
+        result
     }
 }
 

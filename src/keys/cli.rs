@@ -208,7 +208,11 @@ pub async fn run(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
 }
 
 /// Runs a subcommand and returns what to print.
-async fn execute(store: &KeyStore, command: KeysCommand, now: DateTime<Utc>) -> anyhow::Result<String> {
+async fn execute(
+    store: &KeyStore,
+    command: KeysCommand,
+    now: DateTime<Utc>,
+) -> anyhow::Result<String> {
     match command {
         KeysCommand::Create(args) => {
             let v = &args.values;
@@ -231,12 +235,14 @@ async fn execute(store: &KeyStore, command: KeysCommand, now: DateTime<Utc>) -> 
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
             };
-            let created = manage::create_key(store, spec, now).await.map_err(|e| match e {
-                CreateError::Invalid(problems) => {
-                    anyhow::anyhow!("invalid key:\n  - {}", problems.join("\n  - "))
-                }
-                CreateError::Store(e) => anyhow::Error::new(e).context("cannot create the key"),
-            })?;
+            let created = manage::create_key(store, spec, now)
+                .await
+                .map_err(|e| match e {
+                    CreateError::Invalid(problems) => {
+                        anyhow::anyhow!("invalid key:\n  - {}", problems.join("\n  - "))
+                    }
+                    CreateError::Store(e) => anyhow::Error::new(e).context("cannot create the key"),
+                })?;
             tracing::info!(key_id = %created.key.id, "key created");
             let view = KeyView::of(&created.key, now);
             let secret = created.secret.into_exposed();
@@ -269,7 +275,9 @@ async fn execute(store: &KeyStore, command: KeysCommand, now: DateTime<Utc>) -> 
         KeysCommand::Update(args) => {
             let patch = args.patch(now)?;
             if patch.is_empty() {
-                anyhow::bail!("nothing to change: give at least one flag (see `tollgate keys update --help`)");
+                anyhow::bail!(
+                    "nothing to change: give at least one flag (see `tollgate keys update --help`)"
+                );
             }
             let key = store.update(&args.id, &patch).await.map_err(|e| match e {
                 UpdateError::Invalid(problems) => {
@@ -283,7 +291,10 @@ async fn execute(store: &KeyStore, command: KeysCommand, now: DateTime<Utc>) -> 
             show(key, &args.id, args.format, now)
         }
         KeysCommand::Revoke(args) => {
-            let key = store.revoke(&args.id, now).await.context("cannot revoke the key")?;
+            let key = store
+                .revoke(&args.id, now)
+                .await
+                .context("cannot revoke the key")?;
             if key.is_some() {
                 tracing::info!(key_id = %args.id, "key revoked");
             }
@@ -343,8 +354,20 @@ fn render_key(v: &KeyView) -> String {
 /// Every key as aligned columns.
 fn render_list(views: &[KeyView]) -> String {
     let header = [
-        "ID", "NAME", "TEAM", "KIND", "PREFIX", "STATUS", "RPM", "INPUT_TPM", "OUTPUT_TPM",
-        "CONCURRENT", "BUDGET_USD", "PERIOD", "SHADOW", "EXPIRES_AT",
+        "ID",
+        "NAME",
+        "TEAM",
+        "KIND",
+        "PREFIX",
+        "STATUS",
+        "RPM",
+        "INPUT_TPM",
+        "OUTPUT_TPM",
+        "CONCURRENT",
+        "BUDGET_USD",
+        "PERIOD",
+        "SHADOW",
+        "EXPIRES_AT",
     ];
     let rows: Vec<[String; 14]> = views
         .iter()

@@ -278,12 +278,14 @@ pub fn patch_from_json(body: &Value, now: DateTime<Utc>) -> Result<KeyPatch, Vec
         expires_at: fields.expires(now),
     };
     if fields.map.get("budget_period").is_some_and(Value::is_null) {
-        fields
-            .problems
-            .push("budget_period cannot be null: remove the budget with \"budget_usd\": null".to_owned());
+        fields.problems.push(
+            "budget_period cannot be null: remove the budget with \"budget_usd\": null".to_owned(),
+        );
     }
     if fields.map.get("shadow").is_some_and(Value::is_null) {
-        fields.problems.push("shadow must be true or false".to_owned());
+        fields
+            .problems
+            .push("shadow must be true or false".to_owned());
     }
     fields.finish()?;
     Ok(patch)
@@ -402,7 +404,9 @@ impl<'a> Fields<'a> {
         self.read(name, |v| match v {
             Value::String(s) => parse_usd(s),
             Value::Number(n) => parse_usd(&n.to_string()),
-            other => Err(format!("must be an amount of dollars like \"12.50\", got {other}")),
+            other => Err(format!(
+                "must be an amount of dollars like \"12.50\", got {other}"
+            )),
         })
     }
 
@@ -511,8 +515,15 @@ mod tests {
             parse_expiry("2026-02-01T10:00:00+02:00", n).unwrap(),
             "2026-02-01T08:00:00Z".parse::<DateTime<Utc>>().unwrap()
         );
-        assert_eq!(parse_expiry("30d", n).unwrap(), n + chrono::Duration::days(30));
-        assert!(parse_expiry("2020-01-01", n).unwrap_err().contains("in the past"));
+        assert_eq!(
+            parse_expiry("30d", n).unwrap(),
+            n + chrono::Duration::days(30)
+        );
+        assert!(
+            parse_expiry("2020-01-01", n)
+                .unwrap_err()
+                .contains("in the past")
+        );
         assert!(parse_expiry("soon", n).is_err());
     }
 
@@ -524,7 +535,15 @@ mod tests {
         });
         let problems = spec_from_json(&body, now()).unwrap_err();
         let all = problems.join("\n");
-        for field in ["name", "rpm", "max_concurrent", "budget_usd", "budget_period", "expires", "colour"] {
+        for field in [
+            "name",
+            "rpm",
+            "max_concurrent",
+            "budget_usd",
+            "budget_period",
+            "expires",
+            "colour",
+        ] {
             assert!(all.contains(field), "{field} missing from:\n{all}");
         }
         assert_eq!(problems.len(), 7, "{all}");
@@ -536,7 +555,7 @@ mod tests {
         let spec = spec_from_json(&body, now()).unwrap();
         assert_eq!(spec.budget_nanousd, Some(100_000_000));
         assert_eq!(spec.limits.rpm, Some(60));
-        let body = json!({"name": "a", "budget_usd": "12.345678901"});
+        let body = json!({"name": "a", "budget_usd": "12.3456789012"});
         assert!(spec_from_json(&body, now()).unwrap_err()[0].contains("9 decimals"));
         assert_eq!(
             spec_from_json(&json!({}), now()).unwrap_err(),
@@ -574,7 +593,10 @@ mod tests {
             ..KeyPatch::default()
         };
         let key = daily.apply(key).unwrap();
-        assert_eq!(key.budget.map(|b| (b.nanousd, b.period)), Some((5, BudgetPeriod::Day)));
+        assert_eq!(
+            key.budget.map(|b| (b.nanousd, b.period)),
+            Some((5, BudgetPeriod::Day))
+        );
         let clear = KeyPatch {
             budget_nanousd: Some(None),
             ..KeyPatch::default()

@@ -211,7 +211,9 @@ async fn run(
         }
     };
     if tokio::time::timeout(SHUTDOWN_TIMEOUT, drain).await.is_err() {
-        tracing::warn!("passthrough keys still queued at shutdown were not registered; they will be on their next use");
+        tracing::warn!(
+            "passthrough keys still queued at shutdown were not registered; they will be on their next use"
+        );
     }
 }
 

@@ -246,7 +246,8 @@ impl KeyStore {
                     };
                     let current = match read_pg(&row) {
                         Ok(r) => r,
-                        Err(e) => return Ok(Err(UpdateError::Key(e))),
+                        Err(ReadError::Sql(e)) => return Err(e),
+                        Err(ReadError::Key(e)) => return Ok(Err(UpdateError::Key(e))),
                     };
                     let updated = match patch.apply(current) {
                         Ok(r) => r,
@@ -288,7 +289,8 @@ impl KeyStore {
                     };
                     let current = match read_sqlite(&row) {
                         Ok(r) => r,
-                        Err(e) => return Ok(Err(UpdateError::Key(e))),
+                        Err(ReadError::Sql(e)) => return Err(e),
+                        Err(ReadError::Key(e)) => return Ok(Err(UpdateError::Key(e))),
                     };
                     let updated = match patch.apply(current) {
                         Ok(r) => r,
@@ -555,7 +557,8 @@ impl StoredKey {
             id: id.clone(),
             what,
         };
-        let kind = KeyKind::parse(&self.kind).ok_or_else(|| corrupt(format!("kind {:?}", self.kind)))?;
+        let kind =
+            KeyKind::parse(&self.kind).ok_or_else(|| corrupt(format!("kind {:?}", self.kind)))?;
         let small = |name: &str, v: Option<i64>| -> Result<Option<u32>, KeyError> {
             v.map(|v| u32::try_from(v).map_err(|_| corrupt(format!("{name} {v}"))))
                 .transpose()

@@ -68,8 +68,9 @@ pub struct JournalEntry {
 /// A message to the journal thread.
 #[derive(Debug)]
 pub(crate) enum JournalMsg {
-    /// A finalised record and when the sink accepted it (unix milliseconds).
-    Record(Box<UsageRecord>, u64),
+    /// A finalised record, when the sink accepted it (unix milliseconds), and
+    /// the ack sent once the record is written to the segment file.
+    Record(Box<UsageRecord>, u64, tokio::sync::oneshot::Sender<()>),
     /// Sync what was received and stop; records that arrive later are still
     /// journalled if they are already queued behind this message.
     Shutdown,
@@ -255,6 +256,10 @@ pub(crate) struct JournalWriter {
     buf: Vec<u8>,
     buf_first_seq: u64,
     buf_records: usize,
+    /// How much of `buf` has already been written (not yet fsynced) to the
+    /// segment. Writing each record at once means a killed process loses
+    /// nothing it handed to the journal: the page cache outlives the process.
+    written: usize,
 }
 
 impl JournalWriter {
@@ -306,6 +311,7 @@ impl JournalWriter {
             buf: Vec::new(),
             buf_first_seq: next_seq,
             buf_records: 0,
+            written: 0,
         };
         Ok(Recovered {
             writer,
@@ -337,17 +343,18 @@ impl JournalWriter {
         self.buf_records
     }
 
-    /// Writes the group and fsyncs it. Returns what became durable, or `None`
-    /// when there was nothing to write. On error the group stays in memory;
-    /// the next call writes it to a fresh segment.
-    pub fn sync(&mut self) -> io::Result<Option<Synced>> {
-        if self.buf_records == 0 {
-            return Ok(None);
+    /// Writes what the group holds beyond what was already written, without
+    /// fsyncing. On error the whole group is written again to a fresh segment
+    /// by the next call.
+    pub fn write_out(&mut self) -> io::Result<()> {
+        if self.written == self.buf.len() {
+            return Ok(());
         }
-        if self
-            .file
-            .as_ref()
-            .is_none_or(|(_, len)| *len >= self.segment_bytes)
+        if self.written == 0
+            && self
+                .file
+                .as_ref()
+                .is_none_or(|(_, len)| *len >= self.segment_bytes)
         {
             // Starting a segment at the group's first record. If a file of that
             // name exists, it is from a failed attempt at this same group, so
@@ -361,18 +368,42 @@ impl JournalWriter {
             sync_dir(&self.dir)?;
             self.file = Some((file, 0));
         }
+        let pending = &self.buf[self.written..];
         let result = match &mut self.file {
-            Some((file, len)) => file
-                .write_all(&self.buf)
-                .and_then(|()| file.sync_data())
-                .map(|()| {
-                    *len += self.buf.len() as u64;
-                }),
+            Some((file, len)) => file.write_all(pending).map(|()| {
+                *len += pending.len() as u64;
+            }),
+            None => Err(io::Error::other("no journal segment open")),
+        };
+        match result {
+            Ok(()) => {
+                self.written = self.buf.len();
+                Ok(())
+            }
+            Err(e) => {
+                // What reached this segment is unknown: leave it behind.
+                self.file = None;
+                self.written = 0;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the group and fsyncs it. Returns what became durable, or `None`
+    /// when there was nothing to write. On error the group stays in memory;
+    /// the next call writes it to a fresh segment.
+    pub fn sync(&mut self) -> io::Result<Option<Synced>> {
+        if self.buf_records == 0 {
+            return Ok(None);
+        }
+        self.write_out()?;
+        let result = match &mut self.file {
+            Some((file, _)) => file.sync_data(),
             None => Err(io::Error::other("no journal segment open")),
         };
         if let Err(e) = result {
-            // What reached this segment is unknown: leave it behind.
             self.file = None;
+            self.written = 0;
             return Err(e);
         }
         let synced = Synced {
@@ -382,6 +413,7 @@ impl JournalWriter {
         };
         self.buf.clear();
         self.buf_records = 0;
+        self.written = 0;
         Ok(Some(synced))
     }
 
@@ -432,6 +464,8 @@ pub(crate) fn run_journal(
 
     let mut group_started: Option<Instant> = None;
     let mut stopping = false;
+    // Acks of records not yet written to the segment file.
+    let mut unacked: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     loop {
         let message = if stopping {
             // Take what is already queued, without waiting for more.
@@ -445,7 +479,8 @@ pub(crate) fn run_journal(
         };
         let mut drained = false;
         match message {
-            Ok(JournalMsg::Record(record, appended_ms)) => {
+            Ok(JournalMsg::Record(record, appended_ms, ack)) => {
+                unacked.push(ack);
                 match journal.append(appended_ms, &record) {
                     Ok(_) => {
                         if group_started.is_none() {
@@ -466,6 +501,15 @@ pub(crate) fn run_journal(
                 }
                 // Only now: a record is always either queued or in the journal.
                 shared.metrics.queue_depth.dec();
+                // Into the file at once (fsync comes with the group): a process
+                // killed now still leaves the record for the next start. A
+                // failure here is retried and reported by the group's sync;
+                // the acks wait until the record is in the file.
+                if journal.write_out().is_ok() {
+                    for ack in unacked.drain(..) {
+                        let _ = ack.send(());
+                    }
+                }
             }
             Ok(JournalMsg::Shutdown) => stopping = true,
             Err(RecvTimeoutError::Timeout) => {}
@@ -480,6 +524,11 @@ pub(crate) fn run_journal(
         if due {
             sync_until_done(&mut journal, &durable, &shared, stopping);
             group_started = None;
+            if journal.unsynced() == 0 {
+                for ack in unacked.drain(..) {
+                    let _ = ack.send(());
+                }
+            }
         }
         if drained {
             tracing::debug!("journal stopped");

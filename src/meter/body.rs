@@ -27,7 +27,7 @@ use crate::error::sse_error_event;
 use crate::limits::{Demand, Limiter, Reservation};
 use crate::meter::{Meter, MeterReading};
 use crate::metrics::Metrics;
-use crate::record::{Outcome, SharedSink, UsageRecord};
+use crate::record::{Outcome, RecordAck, SharedSink, UsageRecord};
 
 /// The error type of a metered body: the upstream's, or an idle timeout.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -157,10 +157,11 @@ impl Recorder {
         };
         let mut record = self.build(ctx, &facts, None, End::UpstreamBroke, None);
         record.error_type = Some(error_type.to_owned());
-        self.emit(record, false);
+        // The client gets tollgate's own error at once; the record is queued.
+        let _ack = self.emit(record, false);
     }
 
-    fn finalise(&self, mut active: Active, end: End) {
+    fn finalise(&self, mut active: Active, end: End) -> RecordAck {
         active.meter.finish();
         let reading = active.meter.reading();
         let model_confirmed = reading.is_some_and(|r| r.model.is_some());
@@ -169,7 +170,7 @@ impl Recorder {
         if let Some(reservation) = reservation {
             self.settle(reservation, &record.usage);
         }
-        self.emit(record, model_confirmed);
+        self.emit(record, model_confirmed)
     }
 
     /// Replaces a reservation's estimate with the actual usage. Cache reads do
@@ -198,7 +199,7 @@ impl Recorder {
         }
     }
 
-    fn emit(&self, mut record: UsageRecord, model_confirmed: bool) {
+    fn emit(&self, mut record: UsageRecord, model_confirmed: bool) -> RecordAck {
         if let (Some(prices), Some(model)) = (&self.prices, record.model.as_deref()) {
             record.cost_nanousd = prices.cost(&crate::prices::CostQuery {
                 model,
@@ -210,7 +211,7 @@ impl Recorder {
         self.metrics.observe_record(&record, model_confirmed);
         self.metrics.active_requests.dec();
         crate::record::log_record(&record);
-        self.sink.record(record);
+        self.sink.record(record)
     }
 
     fn build(
@@ -304,9 +305,18 @@ where
     /// lazily (only when it fires) rather than on every chunk.
     idle: Pin<Box<Sleep>>,
     last_activity: Instant,
-    /// An SSE error event still to be sent after an upstream failure.
-    pending_error: Option<Bytes>,
+    /// The sink's ack of the finalised record: the end of the response (its
+    /// last frame, or its end) is held until the record is in the journal.
+    ack: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// What to return once the ack arrives.
+    held: Option<Option<Result<Frame<Bytes>, BoxError>>>,
 }
+
+/// Longest time the end of a response waits for its record to be journalled;
+/// past it the response ends anyway (the record is still queued).
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+type PolledFrame = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
 impl<B> MeteredBody<B>
 where
@@ -334,14 +344,51 @@ where
             recorder,
             idle,
             last_activity: now,
-            pending_error: None,
+            ack: None,
+            held: None,
         }
+    }
+
+    /// Returns `result` once `ack` resolves (or at once without one).
+    fn after_ack(
+        &mut self,
+        ack: RecordAck,
+        result: Option<Result<Frame<Bytes>, BoxError>>,
+        cx: &mut Context<'_>,
+    ) -> PolledFrame {
+        match ack {
+            None => Poll::Ready(result),
+            Some(ack) => {
+                self.ack = Some(ack);
+                self.held = Some(result);
+                self.idle
+                    .as_mut()
+                    .reset((Instant::now() + ACK_TIMEOUT).into());
+                self.poll_ack(cx)
+            }
+        }
+    }
+
+    fn poll_ack(&mut self, cx: &mut Context<'_>) -> PolledFrame {
+        if let Some(ack) = self.ack.as_mut() {
+            if Pin::new(ack).poll(cx).is_pending() {
+                if self.idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.recorder.metrics.record_ack_timeouts.inc();
+                tracing::warn!(
+                    "usage journal slow: ending a response before its record was written"
+                );
+            }
+            self.ack = None;
+        }
+        Poll::Ready(self.held.take().flatten())
     }
 
     /// Finalises after an upstream failure. A stream that can take one more
     /// event ends with an SSE `error` event (so SDK clients raise a clean error);
     /// anything else ends with the error, which aborts the client connection.
-    fn upstream_failed(&mut self, error: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn upstream_failed(&mut self, error: BoxError, cx: &mut Context<'_>) -> PolledFrame {
         self.inner = None;
         let Some(active) = self.active.take() else {
             return Poll::Ready(None);
@@ -353,13 +400,14 @@ where
             .with_label_values(&["broken_body"])
             .inc();
         tracing::warn!(request_id = %active.ctx.request_id, error = %error, "upstream response failed mid-body");
-        self.recorder.finalise(active, End::UpstreamBroke);
-        if append {
+        let ack = self.recorder.finalise(active, End::UpstreamBroke);
+        let result = if append {
             let event = sse_error_event("api_error", "upstream connection failed mid-stream");
-            Poll::Ready(Some(Ok(Frame::data(event))))
+            Ok(Frame::data(event))
         } else {
-            Poll::Ready(Some(Err(error)))
-        }
+            Err(error)
+        };
+        self.after_ack(ack, Some(result), cx)
     }
 
     /// Checks the idle timer; true when the upstream has been silent too long.
@@ -390,8 +438,8 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(event) = this.pending_error.take() {
-            return Poll::Ready(Some(Ok(Frame::data(event))));
+        if this.held.is_some() {
+            return this.poll_ack(cx);
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -406,7 +454,8 @@ where
                         .upstream_failures
                         .with_label_values(&["idle_timeout"])
                         .inc();
-                    return this.upstream_failed(format!("upstream idle for {timeout:?}").into());
+                    return this
+                        .upstream_failed(format!("upstream idle for {timeout:?}").into(), cx);
                 }
                 Poll::Pending
             }
@@ -426,24 +475,28 @@ where
                     if this.inner.as_ref().is_some_and(|b| b.is_end_stream())
                         && let Some(active) = this.active.take()
                     {
-                        this.recorder.finalise(active, End::Clean);
+                        let ack = this.recorder.finalise(active, End::Clean);
+                        return this.after_ack(ack, Some(Ok(frame)), cx);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => this.upstream_failed(e.into()),
+            Poll::Ready(Some(Err(e))) => this.upstream_failed(e.into(), cx),
             Poll::Ready(None) => {
                 this.inner = None;
-                if let Some(active) = this.active.take() {
-                    this.recorder.finalise(active, End::Clean);
+                match this.active.take() {
+                    Some(active) => {
+                        let ack = this.recorder.finalise(active, End::Clean);
+                        this.after_ack(ack, None, cx)
+                    }
+                    None => Poll::Ready(None),
                 }
-                Poll::Ready(None)
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending_error.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.held.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -480,7 +533,7 @@ where
             return;
         };
         if self.recorder.interrupting.load(Ordering::SeqCst) {
-            self.recorder.finalise(active, End::Interrupted);
+            let _ack = self.recorder.finalise(active, End::Interrupted);
             return;
         }
         if self.recorder.policy == DisconnectPolicy::Drain
@@ -494,7 +547,7 @@ where
             let _tracked = recorder.drain_tasks.spawn_on(task, &runtime);
             return;
         }
-        self.recorder.finalise(active, End::ClientGone);
+        let _ack = self.recorder.finalise(active, End::ClientGone);
     }
 }
 
@@ -528,5 +581,5 @@ async fn drain<B>(
     };
     recorder.metrics.drains.with_label_values(&[result]).inc();
     recorder.metrics.active_drains.dec();
-    recorder.finalise(active, End::ClientGone);
+    let _ack = recorder.finalise(active, End::ClientGone);
 }

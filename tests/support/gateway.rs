@@ -15,8 +15,9 @@ pub struct CaptureSink {
 }
 
 impl UsageSink for CaptureSink {
-    fn record(&self, record: UsageRecord) {
+    fn record(&self, record: UsageRecord) -> tollgate::record::RecordAck {
         self.records.lock().unwrap().push(record);
+        None
     }
 }
 

@@ -866,6 +866,9 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
             md.push_str(&format!("| {} | {} |\n", metric.label, cells.join(" | ")));
         }
         md.push('\n');
+        if scenario.key == "rate" {
+            md.push_str(&saturation_note(&medians, all.get("throughput")));
+        }
 
         let mut per_target = Map::new();
         for target in &targets {
@@ -983,6 +986,32 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     }
     print!("{md}");
     Ok(())
+}
+
+/// Names the targets for which the open-loop rate was at or above their own
+/// maximum throughput from scenario (a): their latency in (b) is mostly time
+/// spent queueing, not the proxy's overhead at a sustainable load.
+fn saturation_note(rate: &Medians, throughput: Option<&Medians>) -> String {
+    let Some(throughput) = throughput else {
+        return String::new();
+    };
+    let saturated: Vec<String> = rate
+        .iter()
+        .filter_map(|(target, m)| {
+            let offered = *m.get("offered_rps")?;
+            let max = *throughput.get(target)?.get("rps")?;
+            (offered >= 0.9 * max)
+                .then(|| format!("{target} (max {} req/s in (a))", format_number(max, 0)))
+        })
+        .collect();
+    if saturated.is_empty() {
+        return String::new();
+    }
+    format!(
+        "At this rate these targets run at 90 % or more of their own maximum from (a), so \
+         their latency is mostly queueing: {}.\n\n",
+        saturated.join(", ")
+    )
 }
 
 fn order(mut targets: Vec<String>) -> Vec<String> {

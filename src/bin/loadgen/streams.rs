@@ -88,6 +88,9 @@ fn now_unix_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// Events of the warm-up stream each connection runs before a measurement.
+const STREAM_WARMUP_EVENTS: u64 = 8;
+
 #[derive(Debug, Clone)]
 pub struct ConcurrentPlan {
     pub streams: usize,
@@ -120,6 +123,22 @@ pub async fn run_concurrent(
     let mut conns = Vec::with_capacity(plan.streams);
     for _ in 0..plan.streams {
         conns.push(Conn::open(target).await?);
+    }
+    // Then one short stream on every connection at once: the proxy's own
+    // connection pool to the upstream now holds as many connections as the
+    // measurement needs, as it would in steady state.
+    let warmup = Workload::stream_of(STREAM_WARMUP_EVENTS, 0);
+    let mut warming = JoinSet::new();
+    for mut conn in conns {
+        let (target, warmup) = (target.clone(), warmup.clone());
+        warming.spawn(async move {
+            conn.round_trip(warmup.request(&target)?).await?;
+            anyhow::Ok(conn)
+        });
+    }
+    let mut conns = Vec::with_capacity(plan.streams);
+    while let Some(joined) = warming.join_next().await {
+        conns.push(joined??);
     }
     let start = Instant::now() + Duration::from_millis(10);
     let usage_start = watched.start();
