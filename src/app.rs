@@ -15,13 +15,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, HealthCheck};
+use crate::budget::{Budgets, RedisBudgetHandle, SystemClock};
+use crate::config::AuthMode;
 use crate::config::Config;
+use crate::keys::admin_api::KeyAdminApi;
+use crate::keys::passthrough::PassthroughHandle;
+use crate::keys::{KeyStore, Keys};
 use crate::ledger::LedgerHandle;
 use crate::limits::{KeyLimits, Limiter};
 use crate::meter::body::{Recorder, RecorderSettings};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
 use crate::proxy::admission::Admission;
+use crate::proxy::{Proxy, ProxyParts};
 use crate::record::SharedSink;
 use crate::server::{self, Listener};
 use crate::upstream::{RetryPolicy, Upstream};
@@ -29,6 +34,10 @@ use crate::upstream::{RetryPolicy, Upstream};
 /// Longest wait at shutdown for the store to take the last records; whatever
 /// it has not taken stays in the journal and is replayed at the next start.
 const LEDGER_FLUSH_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest wait at start for the journal's replay before budgets are rebuilt
+/// from the ledger.
+const BUDGET_SEED_WAIT: Duration = Duration::from_secs(5);
 
 /// Optional parts a test (or embedder) can supply instead of the defaults.
 #[derive(Default)]
@@ -55,6 +64,8 @@ pub struct RunningApp {
     drain_tasks: TaskTracker,
     drain_timeout: Duration,
     ledger: Option<LedgerHandle>,
+    passthrough: PassthroughHandle,
+    budget_sync: RedisBudgetHandle,
 }
 
 impl App {
@@ -72,11 +83,29 @@ impl App {
                 (sink, Some(handle))
             }
         };
+        // Once the journal's replay has reached the store, budgets can be
+        // rebuilt from the ledger's costs.
+        if let Some(ledger) = &ledger
+            && !ledger.flushed(BUDGET_SEED_WAIT).await
+        {
+            tracing::warn!("the ledger is not caught up; budgets start from what it holds");
+        }
+        let key_store = KeyStore::open(&config.raw.ledger)?;
+        let (keys, passthrough) = Keys::start(key_store.clone(), &config.raw.auth, &registry)
+            .context("registering key metrics")?;
+        let budget_store = crate::ledger::Store::open_lazy(config.raw.ledger.url.expose(), true)
+            .with_context(|| format!("cannot use ledger.url {}", config.raw.ledger.url))?;
+        let (budgets, budget_sync) =
+            Budgets::start(&config, budget_store, &registry, Arc::new(SystemClock))
+                .await
+                .context("starting budgets")?;
+
         let limits = &config.raw.limits;
         let limiter =
             Arc::new(Limiter::new(limits, &registry).context("building the rate limiter")?);
         let admission = Admission::new(
             limiter.clone(),
+            budgets.clone(),
             KeyLimits::global(limits).is_some(),
             limits.max_wait,
         );
@@ -91,7 +120,7 @@ impl App {
             sink,
             metrics,
             prices,
-            Some(limiter),
+            (Some(limiter), Some(budgets)),
             RecorderSettings {
                 policy: meter.on_client_disconnect,
                 idle_timeout: config.raw.upstream.idle_timeout,
@@ -100,18 +129,23 @@ impl App {
             },
             drain_tasks.clone(),
         ));
-        let retry = RetryPolicy::new(
-            config.raw.upstream.max_retries,
-            config.raw.upstream.retry_budget,
-        );
-        let proxy = Arc::new(Proxy::new(
+        let key_cache = keys.cache();
+        let proxy = Arc::new(Proxy::new(ProxyParts {
             upstream,
-            retry,
+            retry: RetryPolicy::new(
+                config.raw.upstream.max_retries,
+                config.raw.upstream.retry_budget,
+            ),
+            keys,
+            upstream_key: match config.raw.auth.mode {
+                AuthMode::Virtual => config.raw.upstream.api_key.clone(),
+                AuthMode::Passthrough => None,
+            },
             admission,
-            KeyLimits::defaults(limits),
-            recorder.clone(),
-            config.raw.server.max_body_bytes,
-        ));
+            default_limits: KeyLimits::defaults(limits),
+            recorder: recorder.clone(),
+            max_body_bytes: config.raw.server.max_body_bytes,
+        }));
 
         let tls = match (&config.raw.server.tls_cert, &config.raw.server.tls_key) {
             (Some(cert), Some(key)) => Some(
@@ -133,10 +167,10 @@ impl App {
         if let Some(ledger) = &ledger {
             checks.push(Arc::new(ledger.status()));
         }
-        // The key API under /admin/v1/ (src/keys/admin_api.rs), over the ledger.
-        let key_store = crate::keys::KeyStore::open(&config.raw.ledger)?;
+        // The key API under /admin/v1/, sharing this replica's key cache so
+        // its own changes apply at once.
         let key_api =
-            crate::keys::admin_api::KeyAdminApi::new(key_store, config.raw.admin.token.as_ref());
+            KeyAdminApi::new(key_store, config.raw.admin.token.as_ref()).with_cache(key_cache);
         let admin = Arc::new(Admin::new(registry.clone(), checks).with_key_api(key_api));
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
@@ -180,6 +214,8 @@ impl App {
             drain_tasks,
             drain_timeout: meter.drain_timeout,
             ledger,
+            passthrough,
+            budget_sync,
         })
     }
 }
@@ -244,6 +280,8 @@ impl RunningApp {
         {
             tracing::warn!("drains did not finish in time");
         }
+        self.passthrough.shutdown().await;
+        self.budget_sync.shutdown().await;
         if let Some(ledger) = self.ledger.take() {
             ledger.shutdown(LEDGER_FLUSH_WAIT).await;
         }

@@ -423,15 +423,16 @@ impl Budgets {
         let _seeding = inner.seed_lock.lock().await;
         match seed::budgeted_sums(&inner.ledger, now).await {
             Ok(all) => {
-                let mut totals = lock(&inner.totals);
-                for (key_id, sums) in &all {
-                    let entry = totals
-                        .entry(key_id.clone())
-                        .or_insert_with(|| KeyTotals::new(now));
-                    entry.begin_seed(now);
-                    entry.finish_seed(*sums);
+                {
+                    let mut totals = lock(&inner.totals);
+                    for (key_id, sums) in &all {
+                        let entry = totals
+                            .entry(key_id.clone())
+                            .or_insert_with(|| KeyTotals::new(now));
+                        entry.begin_seed(now);
+                        entry.finish_seed(*sums);
+                    }
                 }
-                drop(totals);
                 tracing::info!(keys = all.len(), "budget totals seeded from the ledger");
                 if let Some(shared) = &inner.shared {
                     shared.seed_all(&all, now).await;

@@ -21,9 +21,11 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::error::{GatewayError, REQUEST_ID_HEADER};
+use crate::keys::{AuthError, Identity, Keys};
 use crate::limits::KeyLimits;
 use crate::meter::Meter;
 use crate::meter::body::{MeteredBody, Recorder, RequestContext, ResponseFacts};
+use crate::secret::Secret;
 use crate::upstream::{RetryPolicy, Upstream, retry_hint, retryable_status, should_retry};
 use admission::{Admission, Caller};
 use identity::Credential;
@@ -37,10 +39,27 @@ const OWN_HEADER_PREFIX: &str = "tollgate-";
 /// Optional request header with free-form labels recorded in `tags`.
 const TAGS_HEADER: &str = "tollgate-tags";
 
+/// What the request path is built from.
+pub struct ProxyParts {
+    pub upstream: Upstream,
+    pub retry: RetryPolicy,
+    pub keys: Keys,
+    /// `upstream.api_key` in virtual mode; `None` in passthrough mode.
+    pub upstream_key: Option<Secret<String>>,
+    pub admission: Admission,
+    /// The configured per-key limits, which a key's own override.
+    pub default_limits: KeyLimits,
+    pub recorder: Arc<Recorder>,
+    pub max_body_bytes: u64,
+}
+
 /// Shared state of the request path.
 pub struct Proxy {
     upstream: Upstream,
     retry: RetryPolicy,
+    keys: Keys,
+    /// In virtual mode, the key sent upstream instead of the client's.
+    upstream_key: Option<HeaderValue>,
     admission: Admission,
     default_limits: KeyLimits,
     recorder: Arc<Recorder>,
@@ -49,21 +68,22 @@ pub struct Proxy {
 
 impl Proxy {
     /// Creates the request handler.
-    pub fn new(
-        upstream: Upstream,
-        retry: RetryPolicy,
-        admission: Admission,
-        default_limits: KeyLimits,
-        recorder: Arc<Recorder>,
-        max_body_bytes: u64,
-    ) -> Proxy {
+    pub fn new(parts: ProxyParts) -> Proxy {
+        let mut upstream_key = parts
+            .upstream_key
+            .and_then(|key| HeaderValue::from_str(key.expose()).ok());
+        if let Some(key) = upstream_key.as_mut() {
+            key.set_sensitive(true);
+        }
         Proxy {
-            upstream,
-            retry,
-            admission,
-            default_limits,
-            recorder,
-            max_body_bytes,
+            upstream: parts.upstream,
+            retry: parts.retry,
+            keys: parts.keys,
+            upstream_key,
+            admission: parts.admission,
+            default_limits: parts.default_limits,
+            recorder: parts.recorder,
+            max_body_bytes: parts.max_body_bytes,
         }
     }
 
@@ -109,7 +129,16 @@ impl Proxy {
                 "the usage journal is full; retry later".to_owned(),
             ));
         }
-        let caller = self.identify(&parts.headers)?;
+        let identity = self.identify(&parts.headers).await?;
+        let caller = Caller {
+            key_id: identity.key.id.clone(),
+            team: identity.key.team.clone(),
+            limits: identity.key.limits(self.default_limits),
+            shadow: identity.key.shadow,
+        };
+        self.admission
+            .check_budget(&identity.key, request_id)
+            .await?;
 
         let body = self.read_body(&parts.headers, body).await?;
         let endpoint = path.to_owned();
@@ -122,7 +151,12 @@ impl Proxy {
 
         let path_and_query = parts.uri.path_and_query().map_or(path, |pq| pq.as_str());
         let upstream_uri = self.upstream.uri_for(path_and_query)?;
-        let upstream_headers = forwarded_request_headers(&parts.headers);
+        let mut upstream_headers = forwarded_request_headers(&parts.headers);
+        if let Some(key) = &self.upstream_key {
+            // Virtual keys: the client's key stops here; the upstream gets ours.
+            upstream_headers.remove(header::AUTHORIZATION);
+            upstream_headers.insert("x-api-key", key.clone());
+        }
         let make_request = || {
             let mut r = Request::new(Full::new(body.clone()));
             *r.method_mut() = parts.method.clone();
@@ -207,6 +241,12 @@ impl Proxy {
         };
 
         let (mut parts, body) = response.into_parts();
+        if parts.status != http::StatusCode::UNAUTHORIZED
+            && parts.status != http::StatusCode::FORBIDDEN
+        {
+            // The upstream accepted the key: give a passthrough key its row.
+            self.keys.register_passthrough(&identity);
+        }
         strip_hop_by_hop(&mut parts.headers);
         let content_type = header_str(&parts.headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
         let encoding = header_str(&parts.headers, header::CONTENT_ENCODING.as_str()).unwrap_or("");
@@ -230,17 +270,23 @@ impl Proxy {
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 
-    /// Identifies the caller from its credential.
-    fn identify(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
-        let credential = Credential::from_headers(headers).ok_or(GatewayError::Unauthenticated(
-            "missing API key: send x-api-key or Authorization: Bearer",
-        ))?;
-        Ok(Caller {
-            key_id: credential.fingerprint(),
-            team: None,
-            limits: self.default_limits,
-            shadow: false,
-        })
+    /// Identifies the caller from its credential (through the key cache).
+    async fn identify(&self, headers: &HeaderMap) -> Result<Identity, GatewayError> {
+        let Some(credential) = Credential::from_headers(headers) else {
+            self.keys.count_missing();
+            return Err(GatewayError::Unauthenticated(
+                "missing API key: send x-api-key or Authorization: Bearer",
+            ));
+        };
+        self.keys
+            .authenticate(credential.secret())
+            .await
+            .map_err(|e| match e {
+                AuthError::Unauthenticated(message) => GatewayError::Unauthenticated(message),
+                AuthError::Unavailable(e) => {
+                    GatewayError::Overloaded(format!("cannot check the API key now: {e}"))
+                }
+            })
     }
 
     /// Reads the whole request body, refusing more than `max_body_bytes`.

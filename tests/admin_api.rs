@@ -4,6 +4,8 @@
 //! Anthropic-shaped errors for bad input, and a scan of everything logged and
 //! of `/metrics` for every secret created.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::io::Write;

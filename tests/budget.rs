@@ -5,6 +5,8 @@
 //! `CI=true`), and the fallback to local totals while Redis is unreachable,
 //! then the catch-up when it answers again.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -421,9 +423,10 @@ async fn replicas_share_one_total_in_redis() {
         let cfg = config(&db.url, &as_pairs(&env));
         let clock = ManualClock::at("2025-03-15T12:00:00Z");
         // Two replicas starting together: the ledger's spend is seeded once.
+        let (ra, rb) = (Registry::new(), Registry::new());
         let ((a, ha), (bb, hb)) = tokio::join!(
-            start(&cfg, &store, clock.clone(), &Registry::new()),
-            start(&cfg, &store, clock.clone(), &Registry::new()),
+            start(&cfg, &store, clock.clone(), &ra),
+            start(&cfg, &store, clock.clone(), &rb),
         );
         let day_counter = format!("{prefix}:budget:key_day:day:2025-03-15");
         assert_eq!(redis_get(&redis, &day_counter).await, Some(3_333), "[{b}]");

@@ -4,6 +4,8 @@
 //! seen within it) and its "not found" answers; passthrough registration; and
 //! `tollgate keys` through the real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::process::{Command, Output};
@@ -369,7 +371,7 @@ async fn passthrough_keys_are_registered_once_and_can_be_limited_and_revoked() {
         let (keys, task) =
             Keys::start(store.clone(), &auth(AuthMode::Passthrough, ttl), &registry).unwrap();
         let client_key = "sk-ant-api03-client-key-of-team-a";
-        let fingerprint = tollgate::proxy::identity::fingerprint(client_key);
+        let fingerprint = tollgate::keys::secret::fingerprint(client_key);
 
         let identity = keys.authenticate(client_key).await.unwrap();
         assert_eq!(identity.key.id, fingerprint, "[{b}]");
@@ -447,8 +449,17 @@ async fn passthrough_keys_are_registered_once_and_can_be_limited_and_revoked() {
 
 #[tokio::test]
 async fn an_unreachable_store_fails_virtual_keys_but_not_passthrough() {
+    // A "database" that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
     let ledger = LedgerConfig {
-        url: MaskedUrl::new("postgres://tollgate:hunter2@127.0.0.1:1/nowhere"),
+        url: MaskedUrl::new(format!("postgres://tollgate:hunter2@{addr}/nowhere")),
         ..LedgerConfig::default()
     };
     let store = KeyStore::open(&ledger).unwrap();
@@ -459,18 +470,31 @@ async fn an_unreachable_store_fails_virtual_keys_but_not_passthrough() {
         &Registry::new(),
     )
     .unwrap();
-    match keys.authenticate(&format!("tg-{}", "u".repeat(43))).await {
+    let secret = format!("tg-{}", "u".repeat(43));
+    match keys.authenticate(&secret).await {
         Err(AuthError::Unavailable(e)) => {
             assert!(!e.to_string().contains("hunter2"), "{e}");
         }
         other => panic!("expected the store to be unavailable: {other:?}"),
     }
+    // The failure is remembered briefly: the next request does not wait for
+    // the store again.
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        keys.authenticate(&secret).await,
+        Err(AuthError::Unavailable(_))
+    ));
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
     let (keys, _t) =
         Keys::start(store, &auth(AuthMode::Passthrough, ttl), &Registry::new()).unwrap();
     let identity = keys.authenticate("sk-ant-some-key").await.unwrap();
     assert_eq!(
         identity.key.id,
-        tollgate::proxy::identity::fingerprint("sk-ant-some-key")
+        tollgate::keys::secret::fingerprint("sk-ant-some-key")
     );
     assert_eq!(identity.key.limits, KeyLimitsOverride::default());
 }

@@ -10,7 +10,8 @@
 //! - **The store going down does not lock everyone out**: if a refresh fails,
 //!   the last answer keeps being used (and is trusted for another TTL, so a
 //!   dead store is not asked on every request). Only a key never seen before
-//!   gets an error.
+//!   gets an error, and that error is remembered for up to a second, so that
+//!   requests do not each wait for the store's timeout.
 //! - **Memory is bounded**: past 100,000 entries per map, expired entries are
 //!   dropped, then "not found" entries, then everything. (Expired entries are
 //!   otherwise kept: they are the fallback while the store is down.)
@@ -28,6 +29,8 @@ use super::{KeyError, KeyRecord, KeyStore};
 
 /// Entries per map before the cache makes room.
 const MAX_ENTRIES: usize = 100_000;
+/// Longest a failed lookup is remembered before the store is asked again.
+const ERROR_TTL: Duration = Duration::from_secs(1);
 
 type Answer = Result<Option<Arc<KeyRecord>>, KeyError>;
 
@@ -59,7 +62,7 @@ impl KeyCache {
         let lookups = IntCounterVec::new(
             Opts::new(
                 "tollgate_key_cache_lookups_total",
-                "Key lookups, by result (hit; miss: read from the store; shared: waited for another lookup's read; stale: the store failed and the last answer was used; error).",
+                "Key lookups, by result (hit; miss: read from the store; shared: waited for another lookup's read; stale: the store failed and the last answer was used; error: the store failed, or failed less than a second ago, with no answer to fall back on).",
             ),
             &["result"],
         )?;
@@ -104,7 +107,7 @@ impl KeyCache {
     /// store (after this replica changed it).
     pub fn invalidate(&self, id: &str) {
         lock(&self.by_id.entries).remove(id);
-        lock(&self.by_hash.entries).retain(|_, e| e.record.as_ref().is_none_or(|r| r.id != id));
+        lock(&self.by_hash.entries).retain(|_, e| e.key_id() != Some(id));
     }
 
     /// Forgets a "not found" answer for a secret hash (after its key was
@@ -122,11 +125,12 @@ impl KeyCache {
         let stale = {
             let entries = lock(&map.entries);
             match entries.get(key) {
-                Some(e) if now.duration_since(e.fetched) < self.ttl => {
-                    self.lookups.with_label_values(&["hit"]).inc();
-                    return Ok(e.record.clone());
+                Some(e) if e.is_fresh(now, self.ttl) => {
+                    let result = if e.answer.is_ok() { "hit" } else { "error" };
+                    self.lookups.with_label_values(&[result]).inc();
+                    return e.answer.clone();
                 }
-                Some(e) => Some(e.record.clone()),
+                Some(e) => e.answer.clone().ok(),
                 None => None,
             }
         };
@@ -149,7 +153,7 @@ impl KeyCache {
                     .with_label_values(&[if queried { "miss" } else { "shared" }])
                     .inc();
                 if queried {
-                    map.insert(key, record.clone(), self.ttl);
+                    map.insert(key, Ok(record.clone()), self.ttl);
                 }
                 Ok(record)
             }
@@ -160,12 +164,15 @@ impl KeyCache {
                         tracing::warn!(%error, "key store unavailable: using the last known answer for this key");
                         // Trusted for another TTL, so a dead store is not asked
                         // on every request.
-                        map.insert(key, record.clone(), self.ttl);
+                        map.insert(key, Ok(record.clone()), self.ttl);
                     }
                     Ok(record)
                 }
                 None => {
                     self.lookups.with_label_values(&["error"]).inc();
+                    if queried {
+                        map.insert(key, Err(error.clone()), self.ttl);
+                    }
                     Err(error)
                 }
             },
@@ -181,8 +188,27 @@ impl KeyCache {
 
 /// One cached answer.
 struct Entry {
-    record: Option<Arc<KeyRecord>>,
+    answer: Answer,
     fetched: Instant,
+}
+
+impl Entry {
+    /// Whether the entry may be used without asking the store.
+    fn is_fresh(&self, now: Instant, ttl: Duration) -> bool {
+        let lifetime = match self.answer {
+            Ok(_) => ttl,
+            Err(_) => ttl.min(ERROR_TTL),
+        };
+        now.duration_since(self.fetched) < lifetime
+    }
+
+    /// The id of the key found, if one was.
+    fn key_id(&self) -> Option<&str> {
+        match &self.answer {
+            Ok(Some(record)) => Some(&record.id),
+            _ => None,
+        }
+    }
 }
 
 /// The entries of one kind of lookup, and its queries in flight.
@@ -193,7 +219,7 @@ struct Map {
 }
 
 impl Map {
-    fn insert(&self, key: &str, record: Option<Arc<KeyRecord>>, ttl: Duration) {
+    fn insert(&self, key: &str, answer: Answer, ttl: Duration) {
         let now = Instant::now();
         let mut entries = lock(&self.entries);
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(key) {
@@ -202,7 +228,7 @@ impl Map {
         entries.insert(
             key.to_owned(),
             Entry {
-                record,
+                answer,
                 fetched: now,
             },
         );
@@ -213,9 +239,9 @@ impl Map {
 /// there is room.
 fn make_room(entries: &mut HashMap<String, Entry>, ttl: Duration) {
     let now = Instant::now();
-    entries.retain(|_, e| now.duration_since(e.fetched) < ttl);
+    entries.retain(|_, e| e.is_fresh(now, ttl));
     if entries.len() >= MAX_ENTRIES {
-        entries.retain(|_, e| e.record.is_some());
+        entries.retain(|_, e| e.key_id().is_some());
     }
     if entries.len() >= MAX_ENTRIES {
         entries.clear();

@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budgets;
 use crate::config::DisconnectPolicy;
 use crate::error::sse_error_event;
 use crate::limits::{Demand, Limiter, Reservation};
@@ -87,6 +88,7 @@ pub struct Recorder {
     metrics: Metrics,
     prices: Option<Arc<crate::prices::Pricer>>,
     limiter: Option<Arc<Limiter>>,
+    budgets: Option<Budgets>,
     policy: DisconnectPolicy,
     idle_timeout: Duration,
     drain_timeout: Duration,
@@ -113,15 +115,17 @@ impl Recorder {
         sink: SharedSink,
         metrics: Metrics,
         prices: Option<Arc<crate::prices::Pricer>>,
-        limiter: Option<Arc<Limiter>>,
+        accounting: (Option<Arc<Limiter>>, Option<Budgets>),
         settings: RecorderSettings,
         drain_tasks: TaskTracker,
     ) -> Recorder {
+        let (limiter, budgets) = accounting;
         Recorder {
             sink,
             metrics,
             prices,
             limiter,
+            budgets,
             policy: settings.policy,
             idle_timeout: settings.idle_timeout,
             drain_timeout: settings.drain_timeout,
@@ -207,6 +211,9 @@ impl Recorder {
                 long_context_beta: record.long_context_beta,
             });
             record.price_version = Some(prices.version().to_owned());
+        }
+        if let (Some(budgets), Some(cost)) = (&self.budgets, record.cost_nanousd) {
+            budgets.add(&record.key_id, cost, record.started_at);
         }
         self.metrics.observe_record(&record, model_confirmed);
         self.metrics.active_requests.dec();

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::budget::{BudgetDecision, Budgets};
 use crate::error::GatewayError;
+use crate::keys::KeyRecord;
 use crate::limits::{AcquireError, Decision, Demand, KeyLimits, Limiter, Outcome, Reservation};
 
 /// Output tokens assumed for a request that does not say `max_tokens`.
@@ -42,18 +44,45 @@ pub struct Admitted {
 /// The admission stage.
 pub struct Admission {
     limiter: Arc<Limiter>,
+    budgets: Budgets,
     has_global: bool,
     max_wait: Duration,
 }
 
 impl Admission {
     /// Creates the stage. `has_global` says whether global limits are set.
-    pub fn new(limiter: Arc<Limiter>, has_global: bool, max_wait: Duration) -> Admission {
+    pub fn new(
+        limiter: Arc<Limiter>,
+        budgets: Budgets,
+        has_global: bool,
+        max_wait: Duration,
+    ) -> Admission {
         Admission {
             limiter,
+            budgets,
             has_global,
             max_wait,
         }
+    }
+
+    /// Refuses a key whose budget is spent with 402 `billing_error` (which the
+    /// SDKs do not retry). Shadow keys are logged and counted, not refused.
+    pub async fn check_budget(
+        &self,
+        key: &KeyRecord,
+        request_id: &str,
+    ) -> Result<(), GatewayError> {
+        let BudgetDecision::Exhausted(spent) = self.budgets.check(key).await else {
+            return Ok(());
+        };
+        if key.shadow {
+            self.limiter.metrics().count(Outcome::ShadowViolation);
+            tracing::warn!(request_id, key_id = %key.id, "shadow mode: request over its budget let through");
+            return Ok(());
+        }
+        self.limiter.metrics().count(Outcome::OverBudget);
+        tracing::info!(request_id, key_id = %key.id, "budget exhausted");
+        Err(GatewayError::BudgetExhausted(spent.message()))
     }
 
     /// The limiter, for settling reservations.

@@ -1,15 +1,9 @@
-//! Who is calling: the client's credential and the key it maps to.
+//! The credential a client presented: `x-api-key`, or `Authorization: Bearer`.
 //!
-//! In `passthrough` mode the client's own Anthropic key (`x-api-key`, or
-//! `Authorization: Bearer`) goes upstream unchanged; tollgate only derives a
-//! fingerprint from it (a prefix of its SHA-256) to attribute usage. The key
-//! itself is never logged or stored.
+//! The secret is only handed to [`crate::keys::Keys::authenticate`], which
+//! reduces it to a hash at once; it is never logged or stored.
 
 use http::HeaderMap;
-use sha2::{Digest, Sha256};
-
-/// Hex characters of the SHA-256 kept as a key fingerprint (64 bits).
-const FINGERPRINT_HEX_LEN: usize = 16;
 
 /// The credential a client presented.
 pub struct Credential<'a> {
@@ -33,19 +27,10 @@ impl<'a> Credential<'a> {
             .then_some(Credential { secret: token })
     }
 
-    /// The key's fingerprint: `pt_` and the first 16 hex digits of its SHA-256.
-    pub fn fingerprint(&self) -> String {
-        fingerprint(self.secret)
+    /// The secret itself, for authentication only.
+    pub fn secret(&self) -> &'a str {
+        self.secret
     }
-}
-
-/// `pt_` + a hex prefix of SHA-256(secret): stable, not reversible, safe to log.
-pub fn fingerprint(secret: &str) -> String {
-    let digest = Sha256::digest(secret.as_bytes());
-    let mut out = String::with_capacity(3 + FINGERPRINT_HEX_LEN);
-    out.push_str("pt_");
-    out.push_str(&hex::encode(&digest[..FINGERPRINT_HEX_LEN / 2]));
-    out
 }
 
 #[cfg(test)]
@@ -64,11 +49,8 @@ mod tests {
     fn reads_either_header() {
         let a = headers(&[("x-api-key", "sk-ant-1")]);
         let b = headers(&[("authorization", "Bearer sk-ant-1")]);
-        let fa = Credential::from_headers(&a).unwrap().fingerprint();
-        let fb = Credential::from_headers(&b).unwrap().fingerprint();
-        assert_eq!(fa, fb);
-        assert_eq!(fa.len(), 19);
-        assert!(!fa.contains("sk-ant"));
+        assert_eq!(Credential::from_headers(&a).unwrap().secret(), "sk-ant-1");
+        assert_eq!(Credential::from_headers(&b).unwrap().secret(), "sk-ant-1");
     }
 
     #[test]
@@ -77,10 +59,5 @@ mod tests {
         assert!(Credential::from_headers(&headers(&[("x-api-key", " ")])).is_none());
         assert!(Credential::from_headers(&headers(&[("authorization", "Basic abc")])).is_none());
         assert!(Credential::from_headers(&headers(&[("authorization", "Bearer ")])).is_none());
-    }
-
-    #[test]
-    fn different_keys_differ() {
-        assert_ne!(fingerprint("a"), fingerprint("b"));
     }
 }

@@ -55,6 +55,8 @@ impl CaptureSink {
 pub struct TestGateway {
     pub app: RunningApp,
     pub sink: Arc<CaptureSink>,
+    /// Holds the key store (and journal) of this gateway.
+    pub dir: tempfile::TempDir,
 }
 
 impl TestGateway {
@@ -76,7 +78,16 @@ pub async fn start_gateway(
     ca_file: Option<&Path>,
     extra: &[(&str, &str)],
 ) -> TestGateway {
+    let dir = tempfile::tempdir().expect("tempdir");
     let mut env = vec![
+        (
+            "TOLLGATE__LEDGER__URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        ),
+        (
+            "TOLLGATE__LEDGER__JOURNAL_DIR".to_owned(),
+            dir.path().join("journal").display().to_string(),
+        ),
         (
             "TOLLGATE__SERVER__LISTEN".to_owned(),
             "127.0.0.1:0".to_owned(),
@@ -110,5 +121,5 @@ pub async fn start_gateway(
     )
     .await
     .expect("gateway starts");
-    TestGateway { app, sink }
+    TestGateway { app, sink, dir }
 }

@@ -54,6 +54,10 @@ struct Schedule {
     latency: latency::Shared,
     service: latency::Shared,
     measured: AtomicU64,
+    /// Responses that ended inside the measured window: the requests the
+    /// window's CPU time paid for.
+    ended_in_window: AtomicU64,
+    measure_until: Instant,
 }
 
 impl Schedule {
@@ -106,6 +110,8 @@ pub async fn run(
         latency: latency::Shared::new()?,
         service: latency::Shared::new()?,
         measured: AtomicU64::new(0),
+        ended_in_window: AtomicU64::new(0),
+        measure_until: start + plan.warmup + plan.measure,
     });
 
     let mut workers = JoinSet::new();
@@ -159,7 +165,8 @@ pub async fn run(
         // From the actual send: the target's own service time.
         "service_time": schedule.service.summary(),
     });
-    let usage = watched.usage(&usage_start, &usage_end, Some(measured));
+    let ended_in_window = schedule.ended_in_window.load(Ordering::Relaxed);
+    let usage = watched.usage(&usage_start, &usage_end, Some(ended_in_window));
     if let (Value::Object(r), Value::Object(u)) = (&mut result, usage) {
         r.extend(u);
     }
@@ -220,6 +227,9 @@ async fn worker(
         let done = Instant::now();
         match outcome {
             Ok(status) if status.is_success() => {
+                if done >= schedule.measure_from && done <= schedule.measure_until {
+                    schedule.ended_in_window.fetch_add(1, Ordering::Relaxed);
+                }
                 if due >= schedule.measure_from {
                     latency.record(done.saturating_duration_since(due));
                     service.record(done - sent);
