@@ -95,6 +95,14 @@ impl App {
             .context("registering key metrics")?;
         let budget_store = crate::ledger::Store::open_lazy(config.raw.ledger.url.expose(), true)
             .with_context(|| format!("cannot use ledger.url {}", config.raw.ledger.url))?;
+        if ledger.is_none() && config.raw.ledger.migrate {
+            // No ledger writer migrated the store (a sink was supplied): the
+            // key tables must exist all the same.
+            budget_store
+                .migrate()
+                .await
+                .context("migrating the ledger")?;
+        }
         let (budgets, budget_sync) =
             Budgets::start(&config, budget_store, &registry, Arc::new(SystemClock))
                 .await

@@ -181,6 +181,17 @@ impl std::fmt::Display for ScenarioRun {
 /// environment (`ANTHROPIC_BASE_URL`, `ANTHROPIC_API_KEY`) and nothing else
 /// from ours that could steer it (proxies, other `ANTHROPIC_*` variables).
 pub async fn run_scenario(sdk: Sdk, scenario: &str, base_url: &str) -> ScenarioRun {
+    run_scenario_as(sdk, scenario, base_url, TEST_API_KEY, &[]).await
+}
+
+/// [`run_scenario`] with the given API key and extra environment variables.
+pub async fn run_scenario_as(
+    sdk: Sdk,
+    scenario: &str,
+    base_url: &str,
+    api_key: &str,
+    env: &[(&str, &str)],
+) -> ScenarioRun {
     let mut command = match sdk {
         Sdk::Python => {
             let mut c = Command::new(venv_python());
@@ -200,7 +211,8 @@ pub async fn run_scenario(sdk: Sdk, scenario: &str, base_url: &str) -> ScenarioR
         .current_dir(repo_root())
         .env_clear()
         .env("ANTHROPIC_BASE_URL", base_url)
-        .env("ANTHROPIC_API_KEY", TEST_API_KEY)
+        .env("ANTHROPIC_API_KEY", api_key)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -326,6 +326,61 @@ def abandon() -> dict[str, Any]:
     return report
 
 
+def burst() -> dict[str, Any]:
+    """BURST_N sequential `messages.create` calls (default 62) with the SDK's
+    default retries: against a key limited to 60 requests a minute, the last
+    ones are either held by tollgate (within limits.max_wait) or answered 429
+    with retry-after, which the SDK waits out and retries."""
+    n = int(os.environ.get("BURST_N", "62"))
+    client = Anthropic()
+    started = time.monotonic()
+    ids = []
+    for _ in range(n):
+        raw = client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=10, messages=PROMPT,
+            extra_headers=mock_headers(output_tokens="3"),
+        )
+        raw.parse()
+        ids.append(raw.headers.get("tollgate-request-id"))
+    return {"completed": len(ids), "elapsed_s": time.monotonic() - started, "request_ids": ids}
+
+
+def budget_exhausted() -> dict[str, Any]:
+    """Two `messages.create` calls on a key whose budget the first one spends:
+    the second must raise on a 402 without the SDK retrying it."""
+    client = Anthropic()
+    first = client.messages.create(
+        model=MODEL, max_tokens=50, messages=PROMPT,
+        extra_headers=mock_headers(output_tokens="20"),
+    )
+    started = time.monotonic()
+    try:
+        client.messages.create(model=MODEL, max_tokens=50, messages=PROMPT)
+    except anthropic.APIStatusError as err:
+        return {
+            "first_usage": usage_of(first),
+            "second_error": error_report(err),
+            "second_elapsed_s": time.monotonic() - started,
+        }
+    raise AssertionError("the second request was not refused")
+
+
+def until_unauthorized() -> dict[str, Any]:
+    """Calls `messages.create` every 50 ms until the key is refused (the test
+    revokes it meanwhile); reports when, on the wall clock."""
+    client = Anthropic(max_retries=0)
+    successes = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            client.messages.create(model=MODEL, max_tokens=10, messages=PROMPT)
+            successes += 1
+        except anthropic.AuthenticationError as err:
+            return {"successes": successes, "refused_at": time.time(), "error": error_report(err)}
+        time.sleep(0.05)
+    raise AssertionError("the key was never refused")
+
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "stream": stream,
     "stream_async": stream_async,
@@ -339,6 +394,9 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "stream_error": stream_error,
     "upstream_reset": upstream_reset,
     "abandon": abandon,
+    "burst": burst,
+    "budget_exhausted": budget_exhausted,
+    "until_unauthorized": until_unauthorized,
 }
 
 
