@@ -12,6 +12,7 @@ mod support;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::redis::{redis_or_skip, unique_prefix};
 
 use chrono::{DateTime, Utc};
 use prometheus::Registry;
@@ -337,36 +338,6 @@ async fn totals_are_rebuilt_from_the_ledger_at_start() {
         .await;
         assert_eq!(remaining(&again.check(&day).await), 10_000 - 3_334, "[{b}]");
     }
-}
-
-fn redis_url() -> String {
-    std::env::var("TOLLGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// The test Redis, or `None` (skip) when it is unreachable outside CI.
-async fn redis_or_skip(test: &str) -> Option<String> {
-    let url = redis_url();
-    let ping = async {
-        let client = redis::Client::open(url.as_str()).ok()?;
-        let mut c = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
-    };
-    match tokio::time::timeout(Duration::from_secs(3), ping).await {
-        Ok(Some(_)) => Some(url),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: Redis at {url} is required under CI=true but unreachable")
-        }
-        _ => {
-            eprintln!(
-                "\n!!!!! SKIPPING {test}: Redis at {url} unreachable; CI=true makes this a failure.\n"
-            );
-            None
-        }
-    }
-}
-
-fn unique_prefix() -> String {
-    format!("tollgate-test:{}", uuid::Uuid::now_v7().simple())
 }
 
 fn redis_env(url: &str, prefix: &str) -> Vec<(&'static str, String)> {

@@ -7,8 +7,6 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +15,7 @@ use http_body_util::BodyExt;
 use support::client::{http_client, messages_body, request, send};
 use support::ledger::test_ledgers;
 use support::postgres::test_database;
+use support::process::GatewayProcess;
 use support::relay::TcpRelay;
 use tokio::sync::Semaphore;
 use tollgate::app::{App, AppOptions};
@@ -344,41 +343,17 @@ async fn store_outage_mid_load_loses_nothing() {
     check_parity(&sent, &rows, &mock.stats(), "outage");
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
-
-/// Starts the binary and returns it with its proxy address (read from its log).
-fn spawn_gateway(mock_url: &str, ledger_url: &str, journal: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("TOLLGATE__SERVER__LISTEN", "127.0.0.1:0")
-        .env("TOLLGATE__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("TOLLGATE__UPSTREAM__URL", mock_url)
-        .env("TOLLGATE__UPSTREAM__MAX_RETRIES", "0")
-        .env("TOLLGATE__LEDGER__URL", ledger_url)
-        .env("TOLLGATE__LEDGER__JOURNAL_DIR", journal)
-        .env("TOLLGATE__LOG__FORMAT", "json")
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("gateway log").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if let Some(addr) = v["proxy_addr"].as_str() {
-            break addr.to_owned();
-        }
-    };
-    // Keep draining the log so the child never blocks on a full pipe; echo
-    // warnings and errors so a failure can be understood.
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            if line.contains("WARN") || line.contains("ERROR") || !line.starts_with('{') {
-                eprintln!("gateway: {line}");
-            }
-        }
-    });
-    (child, addr)
+/// Starts the binary on the given ledger and journal.
+fn spawn_gateway(mock_url: &str, ledger_url: &str, journal: &std::path::Path) -> GatewayProcess {
+    GatewayProcess::spawn(&[
+        ("TOLLGATE__UPSTREAM__URL", mock_url.to_owned()),
+        ("TOLLGATE__UPSTREAM__MAX_RETRIES", "0".to_owned()),
+        ("TOLLGATE__LEDGER__URL", ledger_url.to_owned()),
+        (
+            "TOLLGATE__LEDGER__JOURNAL_DIR",
+            journal.display().to_string(),
+        ),
+    ])
 }
 
 /// SIGKILL mid-load, then start again: every request that finished before the
@@ -388,8 +363,8 @@ async fn sigkill_mid_load_then_restart_loses_nothing() {
     for ledger in test_ledgers().await {
         let mock = mock_upstream::start(MockOptions::default()).await.unwrap();
         let journal = tempfile::tempdir().unwrap();
-        let (mut child, addr) = spawn_gateway(mock.url(), &ledger.url, journal.path());
-        let base = format!("http://{addr}");
+        let mut gateway = spawn_gateway(mock.url(), &ledger.url, journal.path());
+        let base = gateway.url.clone();
         // Keep requests flowing, then kill the process in the middle of them.
         let load = tokio::spawn({
             let base = base.clone();
@@ -446,8 +421,8 @@ async fn sigkill_mid_load_then_restart_loses_nothing() {
         });
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let killed_at = Instant::now();
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        gateway.child.kill().unwrap(); // SIGKILL
+        gateway.child.wait().unwrap();
         let done = load.await.unwrap();
         // The record is handed to the journal when the last byte is relayed;
         // allow the journal thread a moment to take it.
@@ -463,11 +438,8 @@ async fn sigkill_mid_load_then_restart_loses_nothing() {
         );
 
         // Start again on the same journal: it replays, then a graceful stop flushes.
-        let (mut child, _) = spawn_gateway(mock.url(), &ledger.url, journal.path());
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        assert_eq!(child.wait().unwrap().code(), Some(0));
+        let restarted = spawn_gateway(mock.url(), &ledger.url, journal.path());
+        assert_eq!(restarted.terminate(), Some(0));
 
         let rows = ledger_rows(&ledger.url).await;
         for s in must_have {

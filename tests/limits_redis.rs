@@ -8,51 +8,23 @@
 // failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use support::redis::{redis_or_skip, unique_prefix};
 
 use prometheus::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep};
 use tollgate::config::{LimitsBackend, LimitsConfig, RedisFailure};
 use tollgate::limits::{
     AcquireError, CONCURRENCY_RETRY, Decision, Demand, Dimension, KeyLimits, LimitError, LimitedBy,
     Limiter, Reservation, Scope, Wait,
 };
 use tollgate::secret::MaskedUrl;
-
-fn redis_url() -> String {
-    std::env::var("TOLLGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// The Redis URL if Redis answers; otherwise fails under CI, or skips loudly.
-async fn redis_or_skip(test: &str) -> Option<String> {
-    let url = redis_url();
-    let ping = async {
-        let client = redis::Client::open(url.as_str()).ok()?;
-        let mut c = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
-    };
-    if let Ok(Some(_)) = timeout(Duration::from_secs(2), ping).await {
-        return Some(url);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: Redis is unreachable at {url} and CI=true");
-    }
-    eprintln!("SKIPPED {test}: Redis is unreachable at {url} (set TOLLGATE_TEST_REDIS_URL)");
-    None
-}
-
-/// A key prefix no other test (or run) uses.
-fn unique_prefix() -> String {
-    format!(
-        "tollgate-test:{}:{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    )
-}
 
 fn redis_config(url: &str, prefix: &str) -> LimitsConfig {
     LimitsConfig {

@@ -6,5 +6,7 @@ pub mod client;
 pub mod gateway;
 pub mod ledger;
 pub mod postgres;
+pub mod process;
+pub mod redis;
 pub mod relay;
 pub mod sdk;
