@@ -177,16 +177,9 @@ async fn upstream_error_statuses_pass_through_unchanged() {
         ("status=529", 529, "overloaded_error"),
         ("status=500", 500, "api_error"),
     ] {
-        let resp = send(
-            &http_client(),
-            request(
-                Method::POST,
-                &format!("{}/v1/messages", gw.url()),
-                messages_body(true, 5),
-                &[("x-mock-fault", fault)],
-            ),
-        )
-        .await;
+        let resp = gw
+            .post_messages(messages_body(true, 5), &[("x-mock-fault", fault)])
+            .await;
         assert_eq!(resp.status, status);
         assert_error_shape(&resp.json(), error_type);
         if status == 429 {
@@ -205,19 +198,15 @@ async fn upstream_error_statuses_pass_through_unchanged() {
 async fn upstream_reset_mid_stream_ends_with_an_error_event() {
     let mock = mock().await;
     let gw = start_gateway(mock.url(), None, &[]).await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(true, 100),
             &[
                 ("x-mock-fault", "reset-after=4"),
                 ("x-mock-output-tokens", "20"),
             ],
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(resp.status, 200);
     assert!(
         resp.error.is_none(),
@@ -245,16 +234,12 @@ async fn upstream_reset_mid_stream_ends_with_an_error_event() {
 async fn in_stream_error_event_is_relayed_and_recorded() {
     let mock = mock().await;
     let gw = start_gateway(mock.url(), None, &[]).await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(true, 100),
             &[("x-mock-fault", "error-after=3")],
-        ),
-    )
-    .await;
+        )
+        .await;
     let events = sse_events(&resp.text());
     assert!(
         events.last().unwrap().contains("overloaded_error"),
@@ -276,27 +261,18 @@ async fn a_stalled_upstream_hits_the_idle_timeout() {
     )
     .await;
     let started = std::time::Instant::now();
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(true, 100),
             &[("x-mock-fault", "stall-after=3")],
-        ),
-    )
-    .await;
+        )
+        .await;
     assert!(started.elapsed() < Duration::from_secs(5));
     let events = sse_events(&resp.text());
     assert!(events.last().unwrap().contains("api_error"), "{events:?}");
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
     assert_eq!(record.outcome, Outcome::UpstreamError);
-    let metrics = send(
-        &http_client(),
-        request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[]),
-    )
-    .await
-    .text();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(r#"tollgate_upstream_failures_total{kind="idle_timeout"} 1"#),
         "{metrics}"
@@ -312,16 +288,12 @@ async fn a_slow_first_byte_hits_the_first_byte_timeout() {
         &[("TOLLGATE__UPSTREAM__FIRST_BYTE_TIMEOUT", "300ms")],
     )
     .await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(true, 100),
             &[("x-mock-fault", "slow-first-byte=3000")],
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(resp.status, 504);
     assert_error_shape(&resp.json(), "timeout_error");
     // The request reached the upstream: it is recorded, its usage unknown.
@@ -340,16 +312,7 @@ async fn an_unreachable_upstream_gets_502_and_no_row() {
         .unwrap()
         .port();
     let gw = start_gateway(&format!("http://127.0.0.1:{port}"), None, &[]).await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
-            messages_body(true, 5),
-            &[],
-        ),
-    )
-    .await;
+    let resp = gw.post_messages(messages_body(true, 5), &[]).await;
     assert_eq!(resp.status, 502);
     assert_error_shape(&resp.json(), "api_error");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -433,11 +396,8 @@ async fn upstream_529_then_200_is_retried_and_recorded_once() {
         ("status=429;retry-after=1", "retry-429"),
     ] {
         let started = std::time::Instant::now();
-        let resp = send(
-            &http_client(),
-            request(
-                Method::POST,
-                &format!("{}/v1/messages", gw.url()),
+        let resp = gw
+            .post_messages(
                 messages_body(true, 100),
                 &[
                     ("x-mock-fault", fault),
@@ -445,9 +405,8 @@ async fn upstream_529_then_200_is_retried_and_recorded_once() {
                     ("x-mock-fault-key", key),
                     ("x-mock-output-tokens", "5"),
                 ],
-            ),
-        )
-        .await;
+            )
+            .await;
         assert_eq!(resp.status, 200, "{fault}: {}", resp.text());
         let record = gw.sink.wait_for_request(&resp.request_id()).await;
         assert_eq!(record.attempts, 2, "{fault}");
@@ -460,12 +419,7 @@ async fn upstream_529_then_200_is_retried_and_recorded_once() {
             );
         }
     }
-    let metrics = send(
-        &http_client(),
-        request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[]),
-    )
-    .await
-    .text();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(r#"tollgate_upstream_retries_total{reason="529"} 1"#),
         "{metrics}"
@@ -482,16 +436,12 @@ async fn upstream_529_then_200_is_retried_and_recorded_once() {
 async fn a_stream_that_fails_after_its_first_byte_is_not_retried() {
     let mock = mock().await;
     let gw = start_gateway(mock.url(), None, &[]).await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(true, 100),
             &[("x-mock-fault", "reset-after=2")],
-        ),
-    )
-    .await;
+        )
+        .await;
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
     assert_eq!(record.attempts, 1);
     assert_eq!(record.outcome, Outcome::UpstreamError);
@@ -508,16 +458,12 @@ async fn a_retry_after_beyond_the_budget_is_relayed() {
         &[("TOLLGATE__UPSTREAM__RETRY_BUDGET", "2s")],
     )
     .await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(false, 10),
             &[("x-mock-fault", "status=429;retry-after=60")],
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(resp.status, 429);
     assert_eq!(resp.headers["retry-after"], "60");
     let record = gw.sink.wait_for_request(&resp.request_id()).await;

@@ -66,12 +66,7 @@ async fn create_key(gw: &TestGateway, spec: Value) -> (String, String) {
 }
 
 async fn metrics(gw: &TestGateway) -> String {
-    send(
-        &http_client(),
-        request(Method::GET, &format!("{}/metrics", gw.admin_url()), "", &[]),
-    )
-    .await
-    .text()
+    gw.metrics().await
 }
 
 #[tokio::test]

@@ -119,20 +119,16 @@ async fn every_fixture_is_relayed_byte_for_byte_and_metered() {
 async fn synthesised_stream_usage_matches_what_the_upstream_reported() {
     let mock = tls_mock().await;
     let gw = start_gateway(mock.url(), mock.ca_path(), &[]).await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(true, 1000),
             &[
                 ("x-mock-output-tokens", "40"),
                 ("x-mock-cache", "write=300,read=700,write_1h=100"),
                 ("x-mock-input-growth", "25"),
             ],
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(resp.status, 200);
     let reported = resp.headers["x-mock-usage"].to_str().unwrap().to_owned();
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
@@ -167,19 +163,15 @@ async fn synthesised_stream_usage_matches_what_the_upstream_reported() {
 async fn paced_events_arrive_paced() {
     let mock = tls_mock().await;
     let gw = start_gateway(mock.url(), mock.ca_path(), &[]).await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
+    let resp = gw
+        .post_messages(
             messages_body(true, 100),
             &[
                 ("x-mock-output-tokens", "5"),
                 ("x-mock-event-delay-ms", "200"),
             ],
-        ),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(resp.status, 200);
     // Timestamp each event by the chunk that completed it.
     let mut arrivals = Vec::new();
@@ -279,16 +271,9 @@ async fn count_tokens_and_models_are_relayed_and_never_billed() {
 async fn cost_is_computed_from_the_price_table() {
     let mock = tls_mock().await;
     let gw = start_gateway(mock.url(), mock.ca_path(), &[]).await;
-    let resp = send(
-        &http_client(),
-        request(
-            Method::POST,
-            &format!("{}/v1/messages", gw.url()),
-            messages_body(true, 1000),
-            &[("x-mock-output-tokens", "10")],
-        ),
-    )
-    .await;
+    let resp = gw
+        .post_messages(messages_body(true, 1000), &[("x-mock-output-tokens", "10")])
+        .await;
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
     // claude-sonnet-4-5: $3 / $15 per MTok = 3,000 / 15,000 nano-dollars per token.
     let expected = record.usage.input_tokens as i64 * 3_000 + 10 * 15_000;

@@ -4,7 +4,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::Method;
 use tollgate::app::{App, AppOptions, RunningApp};
+
+use super::client::{Collected, http_client, request, send};
 use tollgate::config::Config;
 use tollgate::record::{UsageRecord, UsageSink};
 
@@ -68,6 +71,20 @@ impl TestGateway {
     /// `http://127.0.0.1:PORT` of the admin listener.
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.app.admin_addr())
+    }
+
+    /// POSTs `body` to `/v1/messages` with a test key and `headers`.
+    pub async fn post_messages(&self, body: String, headers: &[(&str, &str)]) -> Collected {
+        let url = format!("{}/v1/messages", self.url());
+        send(&http_client(), request(Method::POST, &url, body, headers)).await
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.admin_url());
+        send(&http_client(), request(Method::GET, &url, "", &[]))
+            .await
+            .text()
     }
 }
 
