@@ -17,6 +17,7 @@
 //! - [`keys`]: virtual and passthrough keys, their cache, and key management.
 //! - [`budget`]: spend caps per key per UTC day or month (local or Redis).
 //! - [`limits`]: rate limits per key and global (local or Redis), reserved and settled.
+//! - `redis_link`: the Redis connection, call timeout and circuit breaker both share.
 //! - [`upstream`]: the pooled HTTPS client to the Anthropic API, with timeouts.
 //! - [`meter`]: the body wrapper, the SSE and JSON usage readers.
 //! - [`record`]: the usage record and the sinks that receive it.
@@ -42,6 +43,7 @@ pub mod mock_upstream;
 pub mod prices;
 pub mod proxy;
 pub mod record;
+mod redis_link;
 pub mod secret;
 pub mod server;
 pub mod telemetry;

@@ -27,11 +27,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +39,7 @@ use super::seed::{self, Ledger};
 use super::totals::Sums;
 use super::{BudgetError, BudgetMetrics, BudgetPeriod, Clock};
 use crate::config::LimitsConfig;
+use crate::redis_link::{CallError, RedisLink};
 
 /// Seeds counters that do not exist, adds an amount, returns the values.
 /// KEYS: counters; ARGV: (seed, ttl seconds, amount) per counter.
@@ -81,8 +80,6 @@ const COUNTERS_PER_CALL: usize = 256;
 const MAX_PENDING: usize = 100_000;
 /// How long past the end of its period a counter lives.
 const TTL_MARGIN: chrono::Duration = chrono::Duration::days(1);
-/// At most one error line per this interval while Redis stays down.
-const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A finalised cost on its way to Redis.
 #[derive(Debug)]
@@ -108,42 +105,13 @@ pub(crate) struct RedisBudgets {
 }
 
 struct Shared {
-    client: redis::Client,
-    connection: Mutex<Option<ConnectionManager>>,
+    link: RedisLink,
     seed_script: redis::Script,
     add_script: redis::Script,
     prefix: String,
-    timeout: Duration,
-    retry_interval: Duration,
-    health: Mutex<Health>,
     ledger: Ledger,
     clock: Arc<dyn Clock>,
     metrics: BudgetMetrics,
-}
-
-/// Whether Redis is being skipped, and the error log's rate limit.
-#[derive(Default)]
-struct Health {
-    skip_until: Option<Instant>,
-    last_log: Option<Instant>,
-    suppressed: u64,
-}
-
-#[derive(Debug)]
-enum CallError {
-    Redis(redis::RedisError),
-    Timeout(Duration),
-    Reply(String),
-}
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallError::Redis(e) => write!(f, "{e}"),
-            CallError::Timeout(d) => write!(f, "no answer within {d:?}"),
-            CallError::Reply(r) => write!(f, "unexpected reply: {r}"),
-        }
-    }
 }
 
 /// Owns the `budget-redis` task that sends costs to Redis.
@@ -196,20 +164,12 @@ impl RedisBudgets {
         clock: Arc<dyn Clock>,
         metrics: BudgetMetrics,
     ) -> Result<(RedisBudgets, RedisBudgetHandle), BudgetError> {
-        let url = limits.redis_url.as_ref().ok_or_else(|| {
-            BudgetError::Redis("limits.backend = \"redis\" needs limits.redis_url".into())
-        })?;
-        let client = redis::Client::open(url.expose())
-            .map_err(|e| BudgetError::Redis(format!("{}: {e}", url.masked())))?;
+        let link = RedisLink::open(limits).map_err(BudgetError::Redis)?;
         let shared = Arc::new(Shared {
-            client,
-            connection: Mutex::new(None),
+            link,
             seed_script: redis::Script::new(SEED_SCRIPT),
             add_script: redis::Script::new(ADD_SCRIPT),
             prefix: limits.redis_key_prefix.clone(),
-            timeout: limits.redis_timeout,
-            retry_interval: limits.redis_retry_interval,
-            health: Mutex::new(Health::default()),
             ledger,
             clock,
             metrics,
@@ -238,17 +198,13 @@ impl RedisBudgets {
         now: DateTime<Utc>,
     ) -> Option<i64> {
         let shared = &self.shared;
-        if !shared.may_call() {
+        if !shared.link.may_call() {
             return None;
         }
         let counter = shared.counter(key_id, period, period.start(now));
         let mut cmd = redis::cmd("GET");
         cmd.arg(&counter);
-        let value: Result<Option<i64>, CallError> = match shared.connection() {
-            Ok(mut c) => shared.run(cmd.query_async(&mut c)).await,
-            Err(e) => Err(e),
-        };
-        let value = match value {
+        let value = match shared.link.query::<Option<i64>>(&cmd).await {
             Ok(v) => v,
             Err(e) => {
                 shared.failed("check", &e);
@@ -340,7 +296,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cost>, cancel: Cancella
                     shared.queue(&mut pending, cost);
                 }
             }
-            () = tokio::time::sleep(shared.retry_interval), if !pending.is_empty() => {}
+            () = tokio::time::sleep(shared.link.retry_interval()), if !pending.is_empty() => {}
         }
         shared.flush(&mut pending).await;
     }
@@ -390,7 +346,7 @@ impl Shared {
 
     /// Sends pending additions; what fails stays pending.
     async fn flush(&self, pending: &mut HashMap<String, Pending>) {
-        if pending.is_empty() || !self.may_call() {
+        if pending.is_empty() || !self.link.may_call() {
             return;
         }
         let all: Vec<(String, Pending)> = pending.drain().collect();
@@ -402,11 +358,7 @@ impl Shared {
             for (counter, p) in chunk {
                 invocation.key(counter).arg(p.amount);
             }
-            let added: Result<Vec<i64>, CallError> = match self.connection() {
-                Ok(mut c) => self.run(invocation.invoke_async(&mut c)).await,
-                Err(e) => Err(e),
-            };
-            match added {
+            match self.link.invoke::<Vec<i64>>(&invocation).await {
                 Ok(flags) if flags.len() == chunk.len() => {
                     for ((counter, p), flag) in chunk.iter().zip(flags) {
                         if flag == 0 {
@@ -415,7 +367,11 @@ impl Shared {
                     }
                 }
                 Ok(flags) => {
-                    let reply = format!("{} flags for {} counters", flags.len(), chunk.len());
+                    let reply = format!(
+                        "unexpected reply: {} flags for {} counters",
+                        flags.len(),
+                        chunk.len()
+                    );
                     self.failed("add", &CallError::Reply(reply));
                     requeue(pending, chunk.iter().cloned());
                     failed = true;
@@ -481,11 +437,7 @@ impl Shared {
                     .arg(self.ttl(p.period, p.start, now))
                     .arg(p.amount);
             }
-            let result: Result<Vec<Option<i64>>, CallError> = match self.connection() {
-                Ok(mut c) => self.run(invocation.invoke_async(&mut c)).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
+            if let Err(e) = self.link.invoke::<Vec<Option<i64>>>(&invocation).await {
                 self.failed("seed", &e);
                 requeue(pending, counters);
             }
@@ -512,11 +464,10 @@ impl Shared {
                     .arg(0);
             }
         }
-        let mut connection = self.connection()?;
-        let values: Vec<Option<i64>> = self.run(invocation.invoke_async(&mut connection)).await?;
+        let values: Vec<Option<i64>> = self.link.invoke(&invocation).await?;
         if values.len() != keys.len() * 2 {
             return Err(CallError::Reply(format!(
-                "{} values for {} counters",
+                "unexpected reply: {} values for {} counters",
                 values.len(),
                 keys.len() * 2
             )));
@@ -532,77 +483,17 @@ impl Shared {
             .collect())
     }
 
-    /// Runs one Redis call within the timeout.
-    async fn run<T>(
-        &self,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, CallError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(CallError::Redis(e)),
-            Err(_) => Err(CallError::Timeout(self.timeout)),
-        }
-    }
-
-    /// The shared connection, created at the first call (it needs the runtime).
-    fn connection(&self) -> Result<ConnectionManager, CallError> {
-        let mut slot = lock(&self.connection);
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            // Reconnect attempts are paced by the retry interval, not here.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(CallError::Redis)?;
-        *slot = Some(manager.clone());
-        Ok(manager)
-    }
-
-    /// True if Redis should be called now. After a failure, one caller per
-    /// retry interval gets to try.
-    fn may_call(&self) -> bool {
-        let mut health = lock(&self.health);
-        match health.skip_until {
-            None => true,
-            Some(until) => {
-                let now = Instant::now();
-                if now < until {
-                    return false;
-                }
-                health.skip_until = Some(now + self.retry_interval);
-                true
-            }
-        }
-    }
-
     fn recovered(&self) {
-        let mut health = lock(&self.health);
-        if health.skip_until.take().is_some() {
-            health.last_log = None;
-            health.suppressed = 0;
+        if self.link.recovered() {
             tracing::info!("Redis answers again: budget totals are shared across replicas again");
         }
     }
 
     fn failed(&self, op: &'static str, error: &CallError) {
         self.metrics.redis_errors.with_label_values(&[op]).inc();
-        let now = Instant::now();
-        let mut health = lock(&self.health);
-        health.skip_until = Some(now + self.retry_interval);
-        if health
-            .last_log
-            .is_some_and(|t| now.duration_since(t) < ERROR_LOG_INTERVAL)
-        {
-            health.suppressed += 1;
+        let Some(suppressed) = self.link.failed() else {
             return;
-        }
-        let suppressed = std::mem::take(&mut health.suppressed);
-        health.last_log = Some(now);
+        };
         tracing::error!(
             op,
             %error,
@@ -624,10 +515,6 @@ fn requeue(
             pending.insert(counter, p);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

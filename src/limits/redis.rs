@@ -21,12 +21,8 @@
 //! replica then admits the whole limit) and `"closed"` refuses. The connection
 //! manager reconnects on its own once Redis is back.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::time::Instant;
 
 use super::local::LocalLimiter;
 use super::{
@@ -34,6 +30,7 @@ use super::{
     LimitState, LimitedBy, LimiterMetrics, Reservation, Scope, Ticket as AnyTicket, Wait,
 };
 use crate::config::{LimitsConfig, RedisFailure};
+use crate::redis_link::{CallError, RedisLink};
 
 /// The script behind every decision and settlement.
 const SCRIPT: &str = include_str!("redis/limits.lua");
@@ -43,8 +40,6 @@ const SCRIPT: &str = include_str!("redis/limits.lua");
 const MAX_PENDING_RELEASES: usize = 10_000;
 /// Releases carried by one call, so no call grows large.
 const RELEASES_PER_CALL: usize = 64;
-/// At most one error line per this interval while Redis stays down.
-const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Limits kept in Redis, with local limits to fall back on.
 pub(super) struct RedisLimiter {
@@ -54,50 +49,20 @@ pub(super) struct RedisLimiter {
 
 /// What reservations need to reach Redis (or queue their release) on drop.
 struct RedisShared {
-    client: redis::Client,
-    connection: Mutex<Option<ConnectionManager>>,
+    link: RedisLink,
     script: redis::Script,
     prefix: String,
-    timeout: Duration,
-    retry_interval: Duration,
     lease: Duration,
     failure: RedisFailure,
     global: Option<KeyLimits>,
-    health: Mutex<Health>,
     pending: Mutex<Vec<Release>>,
     metrics: LimiterMetrics,
-}
-
-/// Whether Redis is being skipped, and the error log's rate limit.
-#[derive(Default)]
-struct Health {
-    skip_until: Option<Instant>,
-    last_log: Option<Instant>,
-    suppressed: u64,
 }
 
 /// A concurrency slot to free with the next call.
 struct Release {
     slots: String,
     member: String,
-}
-
-/// Why a Redis call did not give an answer.
-#[derive(Debug)]
-enum CallError {
-    Redis(redis::RedisError),
-    Timeout(Duration),
-    Reply(String),
-}
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallError::Redis(e) => write!(f, "{e}"),
-            CallError::Timeout(d) => write!(f, "no answer within {d:?}"),
-            CallError::Reply(r) => write!(f, "unexpected reply from the limits script: {r}"),
-        }
-    }
 }
 
 impl RedisLimiter {
@@ -107,23 +72,15 @@ impl RedisLimiter {
         global: Option<KeyLimits>,
         metrics: LimiterMetrics,
     ) -> Result<RedisLimiter, LimitError> {
-        let url = config.redis_url.as_ref().ok_or_else(|| {
-            LimitError::Config("limits.backend = \"redis\" needs limits.redis_url".into())
-        })?;
-        let client = redis::Client::open(url.expose())
-            .map_err(|e| LimitError::Config(format!("{}: {e}", url.masked())))?;
+        let link = RedisLink::open(config).map_err(LimitError::Config)?;
         Ok(RedisLimiter {
             shared: Arc::new(RedisShared {
-                client,
-                connection: Mutex::new(None),
+                link,
                 script: redis::Script::new(SCRIPT),
                 prefix: config.redis_key_prefix.clone(),
-                timeout: config.redis_timeout,
-                retry_interval: config.redis_retry_interval,
                 lease: config.redis_slot_lease,
                 failure: config.redis_failure,
                 global,
-                health: Mutex::new(Health::default()),
                 pending: Mutex::new(Vec::new()),
                 metrics,
             }),
@@ -140,7 +97,7 @@ impl RedisLimiter {
         demand: Demand,
     ) -> (Result<Decision, LimitError>, &'static str) {
         let shared = &self.shared;
-        let last_error = if shared.may_call() {
+        let last_error = if shared.link.may_call() {
             let member = format!("{:032x}", rand::random::<u128>());
             let releases = shared.take_releases();
             let args = Call {
@@ -209,7 +166,7 @@ impl RedisLimiter {
             let d = i128::from(a) - i128::from(e);
             i64::try_from(d).unwrap_or(if d > 0 { i64::MAX } else { i64::MIN })
         };
-        if !shared.may_call() {
+        if !shared.link.may_call() {
             shared
                 .metrics
                 .redis_errors
@@ -296,31 +253,7 @@ impl RedisShared {
         for release in call.releases {
             invocation.arg(&release.member);
         }
-        let mut connection = self.connection()?;
-        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => Err(CallError::Redis(e)),
-            Err(_) => Err(CallError::Timeout(self.timeout)),
-        }
-    }
-
-    /// The shared connection, created at the first call (it needs the runtime).
-    fn connection(&self) -> Result<ConnectionManager, CallError> {
-        let mut slot = lock(&self.connection);
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            // Reconnect attempts are paced by our own retry interval, not here.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(CallError::Redis)?;
-        *slot = Some(manager.clone());
-        Ok(manager)
+        self.link.invoke(&invocation).await
     }
 
     /// Reads an admission reply: the key's state, and the wait if not admitted.
@@ -341,7 +274,7 @@ impl RedisShared {
             o_reset,
         ] = reply
         else {
-            return Err(CallError::Reply(format!("{reply:?}")));
+            return Err(unexpected(reply));
         };
         let dimension = |left: i64, reset_us: i64, limit: Option<u64>| {
             let (Some(limit), Ok(left)) = (limit, u64::try_from(left)) else {
@@ -364,7 +297,7 @@ impl RedisShared {
         let (scope, code) = match limited_by {
             1..=4 => (Scope::Key, limited_by),
             5..=8 => (Scope::Global, limited_by - 4),
-            _ => return Err(CallError::Reply(format!("{reply:?}"))),
+            _ => return Err(unexpected(reply)),
         };
         let dimension = match code {
             1 => Dimension::Requests,
@@ -379,47 +312,17 @@ impl RedisShared {
         }))
     }
 
-    /// True if Redis should be called now. After a failure, one caller per
-    /// retry interval gets to try.
-    fn may_call(&self) -> bool {
-        let mut health = lock(&self.health);
-        match health.skip_until {
-            None => true,
-            Some(until) => {
-                let now = Instant::now();
-                if now < until {
-                    return false;
-                }
-                // This caller probes; the others keep skipping until it reports.
-                health.skip_until = Some(now + self.retry_interval);
-                true
-            }
-        }
-    }
-
     fn recovered(&self) {
-        let mut health = lock(&self.health);
-        if health.skip_until.take().is_some() {
-            health.last_log = None;
-            health.suppressed = 0;
+        if self.link.recovered() {
             tracing::info!("Redis answers again: rate limits are shared across replicas again");
         }
     }
 
     fn failed(&self, op: &'static str, error: &CallError) {
         self.metrics.redis_errors.with_label_values(&[op]).inc();
-        let now = Instant::now();
-        let mut health = lock(&self.health);
-        health.skip_until = Some(now + self.retry_interval);
-        if health
-            .last_log
-            .is_some_and(|t| now.duration_since(t) < ERROR_LOG_INTERVAL)
-        {
-            health.suppressed += 1;
+        let Some(suppressed) = self.link.failed() else {
             return;
-        }
-        let suppressed = std::mem::take(&mut health.suppressed);
-        health.last_log = Some(now);
+        };
         let policy = match self.failure {
             RedisFailure::Open => "deciding under this replica's local limits",
             RedisFailure::Closed => "refusing requests",
@@ -475,6 +378,13 @@ impl Ticket {
             shared.requeue(releases);
         }
     }
+}
+
+/// A reply the script should never give: the script and this file disagree.
+fn unexpected(reply: &[i64]) -> CallError {
+    CallError::Reply(format!(
+        "unexpected reply from the limits script: {reply:?}"
+    ))
 }
 
 fn micros(d: Duration) -> u64 {
