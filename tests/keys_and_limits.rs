@@ -225,8 +225,8 @@ async fn python_sdk_gets_401_within_the_cache_ttl_of_a_revoke() {
     assert!(result["successes"].as_u64().unwrap() > 3, "{result}");
     assert_eq!(result["error"]["status_code"], 401);
     let delay = result["refused_at"].as_f64().unwrap() - revoked_at;
-    // Cache TTL 500 ms, plus one request interval and process scheduling.
-    assert!(delay < 1.0, "refused {delay:.3}s after the revoke");
+    // Cache TTL 500 ms, plus the SDK's request interval and a loaded machine.
+    assert!(delay < 1.5, "refused {delay:.3}s after the revoke");
 }
 
 /// Shadow keys: over their limit and budget, requests still go through, and
