@@ -55,36 +55,30 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The price table is part of the configuration: a bad one is a config
+    // error too, reported before any port is bound.
+    if let Err(e) = tollgate::prices::load_configured(&config.raw.prices, &Default::default()) {
+        eprintln!("invalid configuration:\n  - prices.file: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Command::CheckConfig = command {
+        print!("{}", config.to_masked_toml());
+        return ExitCode::SUCCESS;
+    }
+    tollgate::telemetry::init(&config.raw.log);
+    report(runtime().and_then(|rt| rt.block_on(run(command, config))))
+}
+
+/// Runs a command that needs the configuration and a runtime.
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::CheckConfig => {
-            print!("{}", config.to_masked_toml());
-            ExitCode::SUCCESS
-        }
-        Command::Serve => {
-            tollgate::telemetry::init(&config.raw.log);
-            report(runtime().and_then(|rt| rt.block_on(tollgate::app::serve(config))))
-        }
-        Command::Migrate => {
-            tollgate::telemetry::init(&config.raw.log);
-            report(runtime().and_then(|rt| rt.block_on(tollgate::ledger::cli::migrate(&config))))
-        }
-        Command::Keys(args) => {
-            tollgate::telemetry::init(&config.raw.log);
-            report(runtime().and_then(|rt| rt.block_on(tollgate::keys::cli::run(&config, args))))
-        }
-        Command::Usage(args) => {
-            tollgate::telemetry::init(&config.raw.log);
-            report(
-                runtime().and_then(|rt| rt.block_on(tollgate::ledger::cli::usage(&config, args))),
-            )
-        }
-        Command::Reprice(args) => {
-            tollgate::telemetry::init(&config.raw.log);
-            report(
-                runtime().and_then(|rt| rt.block_on(tollgate::ledger::cli::reprice(&config, args))),
-            )
-        }
-        Command::MockUpstream(_) => unreachable!("handled before loading the config"),
+        Command::Serve => tollgate::app::serve(config).await,
+        Command::Migrate => tollgate::ledger::cli::migrate(&config).await,
+        Command::Keys(args) => tollgate::keys::cli::run(&config, args).await,
+        Command::Usage(args) => tollgate::ledger::cli::usage(&config, args).await,
+        Command::Reprice(args) => tollgate::ledger::cli::reprice(&config, args).await,
+        // Both are handled by `main` before it gets here.
+        Command::CheckConfig | Command::MockUpstream(_) => Ok(()),
     }
 }
 

@@ -41,6 +41,13 @@ fn invalid_config_lists_every_error_and_exits_64() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+    // A price table that does not load is a configuration error too.
+    let out = Command::new(BIN)
+        .env("TOLLGATE__PRICES__FILE", "/nonexistent/prices.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prices.file"));
 }
 
 #[test]
