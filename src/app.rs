@@ -117,19 +117,17 @@ impl App {
             KeyLimits::global(limits).is_some(),
             limits.max_wait,
         );
-        let prices = Some(crate::prices::load_configured(
-            &config.raw.prices,
-            &registry,
-        )?);
+        let prices = crate::prices::load_configured(&config.raw.prices, &registry)?;
         let upstream = Upstream::new(&config).context("building the upstream client")?;
         let drain_tasks = TaskTracker::new();
         let meter = &config.raw.meter;
         let recorder = Arc::new(Recorder::new(
             sink,
             metrics,
-            prices,
-            (Some(limiter), Some(budgets)),
             RecorderSettings {
+                prices,
+                limiter,
+                budgets,
                 policy: meter.on_client_disconnect,
                 idle_timeout: config.raw.upstream.idle_timeout,
                 drain_timeout: meter.drain_timeout,

@@ -28,6 +28,7 @@ use crate::error::sse_error_event;
 use crate::limits::{Demand, Limiter, Reservation};
 use crate::meter::{Meter, MeterReading};
 use crate::metrics::Metrics;
+use crate::prices::{CostQuery, Pricer};
 use crate::record::{Outcome, RecordAck, SharedSink, UsageRecord};
 
 /// The error type of a metered body: the upstream's, or an idle timeout.
@@ -86,9 +87,9 @@ pub enum End {
 pub struct Recorder {
     sink: SharedSink,
     metrics: Metrics,
-    prices: Option<Arc<crate::prices::Pricer>>,
-    limiter: Option<Arc<Limiter>>,
-    budgets: Option<Budgets>,
+    prices: Arc<Pricer>,
+    limiter: Arc<Limiter>,
+    budgets: Budgets,
     policy: DisconnectPolicy,
     idle_timeout: Duration,
     drain_timeout: Duration,
@@ -101,6 +102,12 @@ pub struct Recorder {
 
 /// Settings of the [`Recorder`].
 pub struct RecorderSettings {
+    /// Prices each record.
+    pub prices: Arc<Pricer>,
+    /// Settles each request's rate-limit reservation.
+    pub limiter: Arc<Limiter>,
+    /// Adds each record's cost to its key's budget.
+    pub budgets: Budgets,
     pub policy: DisconnectPolicy,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
@@ -114,18 +121,15 @@ impl Recorder {
     pub fn new(
         sink: SharedSink,
         metrics: Metrics,
-        prices: Option<Arc<crate::prices::Pricer>>,
-        accounting: (Option<Arc<Limiter>>, Option<Budgets>),
         settings: RecorderSettings,
         drain_tasks: TaskTracker,
     ) -> Recorder {
-        let (limiter, budgets) = accounting;
         Recorder {
             sink,
             metrics,
-            prices,
-            limiter,
-            budgets,
+            prices: settings.prices,
+            limiter: settings.limiter,
+            budgets: settings.budgets,
             policy: settings.policy,
             idle_timeout: settings.idle_timeout,
             drain_timeout: settings.drain_timeout,
@@ -182,9 +186,7 @@ impl Recorder {
     /// The local limiter settles at once; a Redis settlement that must wait for
     /// the network continues as a tracked task.
     fn settle(&self, reservation: Reservation, usage: &crate::meter::Usage) {
-        let Some(limiter) = self.limiter.clone() else {
-            return;
-        };
+        let limiter = self.limiter.clone();
         let actual = Demand {
             input_tokens: usage.input_tokens + usage.cache_creation_input_tokens,
             output_tokens: usage.output_tokens,
@@ -204,16 +206,16 @@ impl Recorder {
     }
 
     fn emit(&self, mut record: UsageRecord, model_confirmed: bool) -> RecordAck {
-        if let (Some(prices), Some(model)) = (&self.prices, record.model.as_deref()) {
-            record.cost_nanousd = prices.cost(&crate::prices::CostQuery {
+        if let Some(model) = record.model.as_deref() {
+            record.cost_nanousd = self.prices.cost(&CostQuery {
                 model,
                 usage: &record.usage,
                 long_context_beta: record.long_context_beta,
             });
-            record.price_version = Some(prices.version().to_owned());
+            record.price_version = Some(self.prices.version().to_owned());
         }
-        if let (Some(budgets), Some(cost)) = (&self.budgets, record.cost_nanousd) {
-            budgets.add(&record.key_id, cost, record.started_at);
+        if let Some(cost) = record.cost_nanousd {
+            self.budgets.add(&record.key_id, cost, record.started_at);
         }
         self.metrics.observe_record(&record, model_confirmed);
         self.metrics.active_requests.dec();
