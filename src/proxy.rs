@@ -190,13 +190,36 @@ impl Proxy {
             forwarded: Instant::now(),
         };
 
-        let metrics = self.recorder.metrics();
-        metrics.active_requests.inc();
+        self.recorder.metrics().active_requests.inc();
+        let response = match self.send_with_retries(make_request, &mut ctx).await {
+            Ok(response) => response,
+            Err(error) => {
+                self.upstream_failed(ctx, &error);
+                return Err(error);
+            }
+        };
+
+        if response.status() != http::StatusCode::UNAUTHORIZED
+            && response.status() != http::StatusCode::FORBIDDEN
+        {
+            // The upstream accepted the key: give a passthrough key its row.
+            self.keys.register_passthrough(&identity);
+        }
+        Ok(self.relay(response, ctx, billable, admitted.headers))
+    }
+
+    /// Sends the request, retrying (with backoff, within the retry budget) on
+    /// answers that say "not processed, try again" — connect errors, 429, 529,
+    /// 5xx without `x-should-retry: false` — and only here, before any byte of
+    /// a response went to the client. Counts the attempts in `ctx`.
+    async fn send_with_retries(
+        &self,
+        make_request: impl Fn() -> Request<Full<Bytes>>,
+        ctx: &mut RequestContext,
+    ) -> Result<Response<Incoming>, GatewayError> {
         let mut waited = Duration::ZERO;
-        let response = loop {
+        loop {
             let outcome = self.upstream.send(make_request()).await;
-            // Retry only on answers that say "not processed, try again", and
-            // only now, before any byte of a response went to the client.
             let (reason, hint) = match &outcome {
                 Ok(r)
                     if retryable_status(r.status()) && should_retry(r.headers()) != Some(false) =>
@@ -204,49 +227,55 @@ impl Proxy {
                     (status_reason(r.status()), retry_hint(r.headers()))
                 }
                 Err(GatewayError::UpstreamConnect(_)) => ("connect", None),
-                _ => break outcome,
+                _ => return outcome,
             };
             let Some(delay) = self.retry.delay(ctx.attempts, hint, waited) else {
-                break outcome;
+                return outcome;
             };
-            metrics.upstream_retries.with_label_values(&[reason]).inc();
-            tracing::debug!(request_id = %request_id, attempt = ctx.attempts, reason, ?delay, "retrying upstream");
+            self.recorder
+                .metrics()
+                .upstream_retries
+                .with_label_values(&[reason])
+                .inc();
+            tracing::debug!(request_id = %ctx.request_id, attempt = ctx.attempts, reason, ?delay, "retrying upstream");
             // Dropping an unread error response closes its stream; fine for a retry.
             drop(outcome);
             tokio::time::sleep(delay).await;
             waited += delay;
             ctx.attempts += 1;
             ctx.forwarded = Instant::now();
-        };
-        let response = match response {
-            Ok(response) => response,
-            Err(error) => {
-                metrics
-                    .upstream_failures
-                    .with_label_values(&[error.label()])
-                    .inc();
-                match &error {
-                    // The request never reached the upstream: nothing to record.
-                    GatewayError::UpstreamConnect(_) => metrics.active_requests.dec(),
-                    // It may have been processed: record it, usage unknown.
-                    _ => self.recorder.record_failed(
-                        ctx,
-                        error.status().as_u16(),
-                        error.error_type(),
-                    ),
-                }
-                tracing::warn!(request_id = %request_id, error = %error, "upstream request failed");
-                return Err(error);
-            }
-        };
-
-        let (mut parts, body) = response.into_parts();
-        if parts.status != http::StatusCode::UNAUTHORIZED
-            && parts.status != http::StatusCode::FORBIDDEN
-        {
-            // The upstream accepted the key: give a passthrough key its row.
-            self.keys.register_passthrough(&identity);
         }
+    }
+
+    /// Accounts for a request whose upstream answer never came.
+    fn upstream_failed(&self, ctx: RequestContext, error: &GatewayError) {
+        let metrics = self.recorder.metrics();
+        metrics
+            .upstream_failures
+            .with_label_values(&[error.label()])
+            .inc();
+        tracing::warn!(request_id = %ctx.request_id, error = %error, "upstream request failed");
+        match error {
+            // The request never reached the upstream: nothing to record.
+            GatewayError::UpstreamConnect(_) => metrics.active_requests.dec(),
+            // It may have been processed: record it, usage unknown.
+            _ => self
+                .recorder
+                .record_failed(ctx, error.status().as_u16(), error.error_type()),
+        }
+    }
+
+    /// The upstream's response as relayed: hop-by-hop headers removed,
+    /// tollgate's request id and the key's limit state added, and the body
+    /// wrapped in a [`MeteredBody`] that meters it and finalises the record.
+    fn relay(
+        &self,
+        response: Response<Incoming>,
+        ctx: RequestContext,
+        billable: bool,
+        limit_headers: Vec<(&'static str, String)>,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let content_type = header_str(&parts.headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
         let encoding = header_str(&parts.headers, header::CONTENT_ENCODING.as_str()).unwrap_or("");
@@ -258,16 +287,16 @@ impl Proxy {
             stream,
             can_append_error: stream && !parts.headers.contains_key(header::CONTENT_LENGTH),
         };
-        if let Ok(v) = HeaderValue::from_str(request_id) {
+        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
             parts.headers.insert(REQUEST_ID_HEADER, v);
         }
-        for (name, value) in admitted.headers {
+        for (name, value) in limit_headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 parts.headers.insert(name, v);
             }
         }
         let body = MeteredBody::new(body, meter, ctx, facts, self.recorder.clone());
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Response::from_parts(parts, Either::Left(body))
     }
 
     /// Identifies the caller from its credential (through the key cache).
