@@ -31,7 +31,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use crate::record::UsageRecord;
@@ -471,11 +471,30 @@ pub(crate) fn run_journal(
             // Take what is already queued, without waiting for more.
             rx.try_recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
-            let wait = match group_started {
-                Some(start) => (start + fsync_interval).saturating_duration_since(Instant::now()),
-                None => Duration::from_secs(3600),
-            };
-            rx.recv_timeout(wait)
+            match rx.try_recv() {
+                Ok(message) => Ok(message),
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {
+                    // Nothing more queued: write what was appended into the
+                    // file (fsync comes with the group), so a process killed
+                    // now still leaves the records for the next start, and ack
+                    // them. Under load this is one write for many records. A
+                    // failure here is retried and reported by the group's
+                    // sync; the acks wait until the records are in the file.
+                    if journal.write_out().is_ok() {
+                        for ack in unacked.drain(..) {
+                            let _ = ack.send(());
+                        }
+                    }
+                    let wait = match group_started {
+                        Some(start) => {
+                            (start + fsync_interval).saturating_duration_since(Instant::now())
+                        }
+                        None => Duration::from_secs(3600),
+                    };
+                    rx.recv_timeout(wait)
+                }
+            }
         };
         let mut drained = false;
         match message {
@@ -501,15 +520,6 @@ pub(crate) fn run_journal(
                 }
                 // Only now: a record is always either queued or in the journal.
                 shared.metrics.queue_depth.dec();
-                // Into the file at once (fsync comes with the group): a process
-                // killed now still leaves the record for the next start. A
-                // failure here is retried and reported by the group's sync;
-                // the acks wait until the record is in the file.
-                if journal.write_out().is_ok() {
-                    for ack in unacked.drain(..) {
-                        let _ = ack.send(());
-                    }
-                }
             }
             Ok(JournalMsg::Shutdown) => stopping = true,
             Err(RecvTimeoutError::Timeout) => {}

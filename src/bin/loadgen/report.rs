@@ -150,7 +150,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             key: "rate",
-            title: "(b) The same at a fixed rate (half of direct's maximum), latency from the scheduled send time",
+            title: "(b) The same at a fixed arrival rate (by default half of direct's maximum in (a)), latency from the scheduled send time",
             metrics: vec![
                 Metric {
                     key: "offered_rps",
@@ -1039,7 +1039,9 @@ fn describe(scenario: &str, row: &Value, runs: usize, targets: usize) -> String 
             n("/window_s")
         ),
         "rate" => format!(
-            "{} connections, {} s measured after a warm-up",
+            "{} requests/s offered to every target over {} connections, {} s measured after a \
+             warm-up",
+            n("/offered_rps"),
             n("/connections"),
             n("/window_s")
         ),

@@ -9,8 +9,9 @@
 //! mock's write to the client's read. Against `direct` it is the floor of the
 //! machine; what a proxy adds is its figure minus direct's.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::BodyExt as _;
@@ -267,6 +268,9 @@ pub async fn run_hold(
     let opening = Arc::new(Semaphore::new(plan.open_concurrency.max(1)));
     let open = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
+    // Why streams failed to open, by message: the first clue when some do.
+    let why = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let ended_early = Arc::new(AtomicUsize::new(0));
     let events = Arc::new(AtomicU64::new(0));
     let changed = Arc::new(Notify::new());
     let release = CancellationToken::new();
@@ -274,6 +278,7 @@ pub async fn run_hold(
     let mut tasks = JoinSet::new();
     for _ in 0..plan.streams {
         let (target, workload) = (target.clone(), workload.clone());
+        let (why, ended_early) = (why.clone(), ended_early.clone());
         let (opening, open, failed, events, changed, release) = (
             opening.clone(),
             open.clone(),
@@ -308,7 +313,11 @@ pub async fn run_hold(
             drop(permit);
             let (conn, mut body) = match opened {
                 Ok(pair) => pair,
-                Err(_) => {
+                Err(e) => {
+                    *why.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .entry(format!("{e:#}"))
+                        .or_default() += 1;
                     failed.fetch_add(1, Ordering::Relaxed);
                     changed.notify_one();
                     return;
@@ -322,7 +331,10 @@ pub async fn run_hold(
                     () = release.cancelled() => break,
                     frame = body.frame() => match frame {
                         Some(Ok(_)) => { events.fetch_add(1, Ordering::Relaxed); }
-                        _ => break,
+                        _ => {
+                            ended_early.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
                     },
                 }
             }
@@ -342,7 +354,9 @@ pub async fn run_hold(
     }
     let open_after = began.elapsed().as_secs_f64();
     tokio::time::sleep(plan.settle).await;
-    let still_open = open.load(Ordering::Relaxed);
+    let still_open = open
+        .load(Ordering::Relaxed)
+        .saturating_sub(ended_early.load(Ordering::Relaxed));
     let held = watched.snapshot();
     let held_rss = watched.proxy_sample().map(|s| s.rss_kib);
 
@@ -362,6 +376,8 @@ pub async fn run_hold(
         "streams": plan.streams,
         "streams_open": still_open,
         "streams_failed": failed.load(Ordering::Relaxed),
+        "streams_ended_early": ended_early.load(Ordering::Relaxed),
+        "failure_reasons": *why.lock().unwrap_or_else(PoisonError::into_inner),
         "open_s": open_after,
         "events_while_held": events.load(Ordering::Relaxed),
         "proxy_idle_rss_kib": idle_rss,
