@@ -299,7 +299,7 @@ impl Budgets {
         let ledger = seed::Ledger::new(ledger, config.raw.ledger.url.clone());
         let limits = &config.raw.limits;
         let (shared, handle) = match limits.backend {
-            LimitsBackend::Local => (None, RedisBudgetHandle::idle()),
+            LimitsBackend::Local => (None, RedisBudgetHandle::idle("budget-redis")),
             LimitsBackend::Redis => {
                 let (shared, handle) = redis::RedisBudgets::start(
                     limits,

@@ -236,7 +236,7 @@ impl Keys {
                     PassthroughRegistrar::start(store, cache.clone(), registry)?;
                 (Some(registrar), handle)
             }
-            AuthMode::Virtual => (None, PassthroughHandle::idle()),
+            AuthMode::Virtual => (None, PassthroughHandle::idle("passthrough-registrar")),
         };
         Ok((
             Keys {

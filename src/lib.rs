@@ -26,6 +26,7 @@
 //! - [`metrics`] and [`admin`]: Prometheus metrics, `/metrics`, `/livez`, `/readyz`.
 //! - [`error`]: the error taxonomy and its Anthropic-shaped responses.
 //! - [`secret`]: values that never print.
+//! - [`task`]: named, owned background tasks.
 //! - [`mock_upstream`]: a fake Anthropic API for tests, demos and benchmarks.
 //! - [`app`]: builds everything from a config and runs it until shutdown.
 
@@ -46,5 +47,6 @@ pub mod record;
 mod redis_link;
 pub mod secret;
 pub mod server;
+pub mod task;
 pub mod telemetry;
 pub mod upstream;

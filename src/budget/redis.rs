@@ -26,20 +26,18 @@
 //! a cluster: the scripts touch several keys.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use super::seed::{self, Ledger};
 use super::totals::Sums;
 use super::{BudgetError, BudgetMetrics, BudgetPeriod, Clock};
 use crate::config::LimitsConfig;
 use crate::redis_link::{CallError, RedisLink};
+use crate::task::NamedTask;
 
 /// Seeds counters that do not exist, adds an amount, returns the values.
 /// KEYS: counters; ARGV: (seed, ttl seconds, amount) per counter.
@@ -114,46 +112,11 @@ struct Shared {
     metrics: BudgetMetrics,
 }
 
-/// Owns the `budget-redis` task that sends costs to Redis.
-pub struct RedisBudgetHandle {
-    cancel: CancellationToken,
-    task: Option<JoinHandle<()>>,
-}
-
-impl fmt::Debug for RedisBudgetHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisBudgetHandle")
-            .field("running", &self.is_running())
-            .finish()
-    }
-}
-
-impl RedisBudgetHandle {
-    /// The handle of budgets without Redis: nothing runs.
-    pub fn idle() -> RedisBudgetHandle {
-        RedisBudgetHandle {
-            cancel: CancellationToken::new(),
-            task: None,
-        }
-    }
-
-    /// Whether the task runs (always true without Redis, where none is needed).
-    pub fn is_running(&self) -> bool {
-        self.task.as_ref().is_none_or(|t| !t.is_finished())
-    }
-
-    /// Stops the task after it has sent what is queued (one attempt, bounded
-    /// by `limits.redis_timeout`; costs that do not make it are in the ledger
-    /// and reach Redis through the next seed of their period, if any).
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        if let Some(task) = self.task.take()
-            && let Err(e) = task.await
-        {
-            tracing::error!(error = %e, "the budget-redis task failed");
-        }
-    }
-}
+/// Owns the `budget-redis` task that sends costs to Redis. Shutting it down
+/// sends what is queued (one attempt, bounded by `limits.redis_timeout`; costs
+/// that do not make it are in the ledger and reach Redis through the next seed
+/// of their period, if any).
+pub type RedisBudgetHandle = NamedTask;
 
 impl RedisBudgets {
     /// Opens the client (nothing connects until the first call) and starts
@@ -175,17 +138,11 @@ impl RedisBudgets {
             metrics,
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(
-            run(shared.clone(), rx, cancel.clone()).instrument(tracing::info_span!("budget-redis")),
-        );
-        Ok((
-            RedisBudgets { shared, tx },
-            RedisBudgetHandle {
-                cancel,
-                task: Some(task),
-            },
-        ))
+        let task = NamedTask::spawn("budget-redis", {
+            let shared = shared.clone();
+            move |cancel| run(shared, rx, cancel)
+        });
+        Ok((RedisBudgets { shared, tx }, task))
     }
 
     /// The shared total of a key's current period, seeding it from the ledger

@@ -18,11 +18,10 @@ use std::time::Duration;
 
 use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use super::{KeyCache, KeyStore};
+use crate::task::NamedTask;
 
 /// Registrations waiting for the task.
 const QUEUE_CAPACITY: usize = 1024;
@@ -45,44 +44,9 @@ pub struct PassthroughRegistrar {
     results: IntCounterVec,
 }
 
-/// Owns the `passthrough-registrar` task.
-pub struct PassthroughHandle {
-    cancel: CancellationToken,
-    task: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for PassthroughHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PassthroughHandle")
-            .field("running", &self.is_running())
-            .finish()
-    }
-}
-
-impl PassthroughHandle {
-    /// A handle with no task (virtual mode).
-    pub fn idle() -> PassthroughHandle {
-        PassthroughHandle {
-            cancel: CancellationToken::new(),
-            task: None,
-        }
-    }
-
-    /// Whether the task runs (true when none is needed).
-    pub fn is_running(&self) -> bool {
-        self.task.as_ref().is_none_or(|t| !t.is_finished())
-    }
-
-    /// Stops the task once it has inserted what is queued (for at most 5 s).
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        if let Some(task) = self.task.take()
-            && let Err(e) = task.await
-        {
-            tracing::error!(error = %e, "the passthrough-registrar task failed");
-        }
-    }
-}
+/// Owns the `passthrough-registrar` task: shut it down after the last request,
+/// once it has inserted what is queued (for at most 5 s).
+pub type PassthroughHandle = NamedTask;
 
 impl PassthroughRegistrar {
     /// Starts the task that inserts queued registrations into `store`, and
@@ -102,25 +66,11 @@ impl PassthroughRegistrar {
         registry.register(Box::new(results.clone()))?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let known = Arc::new(Mutex::new(HashSet::new()));
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(
-            run(
-                store,
-                cache,
-                rx,
-                known.clone(),
-                results.clone(),
-                cancel.clone(),
-            )
-            .instrument(tracing::info_span!("passthrough-registrar")),
-        );
-        Ok((
-            PassthroughRegistrar { tx, known, results },
-            PassthroughHandle {
-                cancel,
-                task: Some(task),
-            },
-        ))
+        let task = NamedTask::spawn("passthrough-registrar", {
+            let (known, results) = (known.clone(), results.clone());
+            move |cancel| run(store, cache, rx, known, results, cancel)
+        });
+        Ok((PassthroughRegistrar { tx, known, results }, task))
     }
 
     /// Queues the registration of a fingerprint unless it is known. Never

@@ -182,6 +182,7 @@ pub struct Errors {
 }
 
 impl Errors {
+    /// Adds another worker's counts.
     pub fn add(&mut self, other: Errors) {
         self.status += other.status;
         self.io += other.io;

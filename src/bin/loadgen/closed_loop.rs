@@ -26,6 +26,7 @@ pub enum Stop {
     Requests { total: u64, warmup: u64 },
 }
 
+/// A closed-loop run: how many connections, and when it stops.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub connections: usize,
@@ -48,6 +49,9 @@ struct Shared {
     origin: Instant,
 }
 
+/// Runs the plan against `target` and returns its JSON result: throughput,
+/// latency from send to the end of the response, and the watched processes'
+/// CPU and memory over the measured window.
 pub async fn run(
     target: &Target,
     workload: &Workload,

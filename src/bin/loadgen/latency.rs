@@ -22,6 +22,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// An empty histogram.
     pub fn new() -> anyhow::Result<Shared> {
         Ok(Shared {
             histogram: Mutex::new(Histogram::new_with_bounds(1, MAX_NANOS, 3)?),
@@ -73,10 +74,12 @@ pub struct Local<'a> {
 }
 
 impl Local<'_> {
+    /// Records one duration.
     pub fn record(&mut self, elapsed: Duration) {
         self.record_nanos(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
     }
 
+    /// Records one value in nanoseconds.
     pub fn record_nanos(&mut self, nanos: u64) {
         self.samples.push(nanos);
         if self.samples.len() >= LOCAL_BUFFER {

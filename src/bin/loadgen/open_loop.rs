@@ -29,6 +29,8 @@ use crate::proc_stats::Watched;
 /// The pacer's shortest sleep.
 const MIN_PACER_SLEEP: Duration = Duration::from_micros(50);
 
+/// An open-loop run: the arrival rate, the warm-up and measured periods, the
+/// connections the schedule may use, and how long queued requests may drain.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub rate: f64,
@@ -85,6 +87,9 @@ impl Schedule {
     }
 }
 
+/// Runs the schedule against `target` and returns its JSON result: latency
+/// from the scheduled send time, the service time from the actual send, the
+/// requests that could not be sent in time, and the watched processes' usage.
 pub async fn run(
     target: &Target,
     workload: &Workload,

@@ -74,6 +74,7 @@ impl ProcessTree {
             .all(|pid| std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok())
     }
 
+    /// How many processes the tree has.
     pub fn processes(&self) -> usize {
         self.pids.len()
     }
@@ -157,6 +158,7 @@ pub struct Snapshot {
 }
 
 impl Watched {
+    /// Watches the given proxy and upstream trees, and this process.
     pub fn new(proxy: Option<u32>, upstream: Option<u32>, clk_tck: u64) -> anyhow::Result<Watched> {
         Ok(Watched {
             proxy: proxy

@@ -442,6 +442,7 @@ pub fn read_raw(path: &Path) -> anyhow::Result<Vec<Value>> {
     Ok(rows)
 }
 
+/// The median of the finite values, if any.
 pub fn median(values: &[f64]) -> Option<f64> {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     if sorted.is_empty() {
@@ -807,6 +808,7 @@ fn machine() -> Value {
     })
 }
 
+/// Writes the report files and prints the Markdown.
 pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     let rows = read_raw(&args.raw)?;
     let meter = args

@@ -92,6 +92,8 @@ fn now_unix_ns() -> u128 {
 /// Events of the warm-up stream each connection runs before a measurement.
 const STREAM_WARMUP_EVENTS: u64 = 8;
 
+/// Scenario (c): how many streams, of how many events, how far apart; stream
+/// starts are spread over `ramp`.
 #[derive(Debug, Clone)]
 pub struct ConcurrentPlan {
     pub streams: usize,
@@ -231,6 +233,8 @@ pub async fn run_concurrent(
     Ok(result)
 }
 
+/// Scenario (d): how many slow streams to hold, how fast to open them, and
+/// how long to let the proxy settle before its memory is read.
 #[derive(Debug, Clone)]
 pub struct HoldPlan {
     pub streams: usize,
