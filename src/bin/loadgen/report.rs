@@ -1043,7 +1043,7 @@ fn describe(scenario: &str, row: &Value, runs: usize, targets: usize) -> String 
         "rate" => format!(
             "{} requests/s offered to every target over {} connections, {} s measured after a \
              warm-up",
-            n("/offered_rps"),
+            num(row, "/offered_rps").map_or("?".into(), |r| format_number(r, 0)),
             n("/connections"),
             n("/window_s")
         ),
