@@ -249,7 +249,8 @@ async fn count_tokens_and_models_are_relayed_and_never_billed() {
     let record = gw.sink.wait_for_request(&resp.request_id()).await;
     assert_eq!(record.endpoint, "/v1/messages/count_tokens");
     assert_eq!(record.usage, Default::default());
-    assert_eq!(record.cost_nanousd, None);
+    // Not billed: a known zero cost, not an unpriced row.
+    assert_eq!(record.cost_nanousd, Some(0));
 
     let resp = send(
         &client,

@@ -206,15 +206,19 @@ impl Recorder {
     }
 
     fn emit(&self, mut record: UsageRecord, model_confirmed: bool) -> RecordAck {
-        if let Some(model) = record.model.as_deref() {
-            record.cost_nanousd = self.prices.cost(&CostQuery {
+        record.cost_nanousd = match record.model.as_deref() {
+            Some(model) => self.prices.cost(&CostQuery {
                 model,
                 usage: &record.usage,
                 long_context_beta: record.long_context_beta,
-            });
-            record.price_version = Some(self.prices.version().to_owned());
-        }
-        if let Some(cost) = record.cost_nanousd {
+            }),
+            // No model and no usage (count_tokens, models, files, …): nothing
+            // was billed, which is a known cost, not an unpriced one.
+            None if record.usage == crate::meter::Usage::default() => Some(0),
+            None => None,
+        };
+        record.price_version = Some(self.prices.version().to_owned());
+        if let Some(cost) = record.cost_nanousd.filter(|c| *c > 0) {
             self.budgets.add(&record.key_id, cost, record.started_at);
         }
         self.metrics.observe_record(&record, model_confirmed);
