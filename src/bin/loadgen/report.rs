@@ -78,6 +78,29 @@ fn errors(row: &Value) -> Option<f64> {
     Some(num(row, "/errors/status")? + num(row, "/errors/io")?)
 }
 
+/// `before`, then the latency percentiles p50, p99 and p99.9, then `after`.
+fn with_latency(before: Vec<Metric>, after: Vec<Metric>) -> Vec<Metric> {
+    let latency = [
+        (
+            "p50_ms",
+            "latency p50 (ms)",
+            (|r| num(r, "/latency/p50_ms")) as fn(&Value) -> Option<f64>,
+        ),
+        ("p99_ms", "latency p99 (ms)", |r| num(r, "/latency/p99_ms")),
+        ("p999_ms", "latency p99.9 (ms)", |r| {
+            num(r, "/latency/p999_ms")
+        }),
+    ]
+    .map(|(key, label, get)| Metric {
+        key,
+        label,
+        get,
+        digits: 3,
+        kind: Kind::Ratios,
+    });
+    before.into_iter().chain(latency).chain(after).collect()
+}
+
 struct Scenario {
     key: &'static str,
     title: &'static str,
@@ -89,140 +112,104 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             key: "throughput",
             title: "(a) Small non-streaming messages, maximum throughput (closed loop)",
-            metrics: vec![
-                Metric {
+            metrics: with_latency(
+                vec![Metric {
                     key: "rps",
                     label: "requests/s",
                     get: |r| num(r, "/rps"),
                     digits: 0,
                     kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "p50_ms",
-                    label: "latency p50 (ms)",
-                    get: |r| num(r, "/latency/p50_ms"),
-                    digits: 3,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "p99_ms",
-                    label: "latency p99 (ms)",
-                    get: |r| num(r, "/latency/p99_ms"),
-                    digits: 3,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "p999_ms",
-                    label: "latency p99.9 (ms)",
-                    get: |r| num(r, "/latency/p999_ms"),
-                    digits: 3,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "proxy_cpu_us_per_request",
-                    label: "proxy CPU per request (µs)",
-                    get: |r| num(r, "/proxy/cpu_us_per_request"),
-                    digits: 1,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "proxy_cpu_cores",
-                    label: "proxy CPU (cores busy)",
-                    get: |r| num(r, "/proxy/cpu_cores"),
-                    digits: 2,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "proxy_peak_rss_mib",
-                    label: "proxy peak RSS (MiB)",
-                    get: |r| mib(r, "/proxy/peak_rss_kib"),
-                    digits: 1,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "errors",
-                    label: "errors",
-                    get: errors,
-                    digits: 0,
-                    kind: Kind::Plain,
-                },
-            ],
+                }],
+                vec![
+                    Metric {
+                        key: "proxy_cpu_us_per_request",
+                        label: "proxy CPU per request (µs)",
+                        get: |r| num(r, "/proxy/cpu_us_per_request"),
+                        digits: 1,
+                        kind: Kind::Ratios,
+                    },
+                    Metric {
+                        key: "proxy_cpu_cores",
+                        label: "proxy CPU (cores busy)",
+                        get: |r| num(r, "/proxy/cpu_cores"),
+                        digits: 2,
+                        kind: Kind::Ratios,
+                    },
+                    Metric {
+                        key: "proxy_peak_rss_mib",
+                        label: "proxy peak RSS (MiB)",
+                        get: |r| mib(r, "/proxy/peak_rss_kib"),
+                        digits: 1,
+                        kind: Kind::Ratios,
+                    },
+                    Metric {
+                        key: "errors",
+                        label: "errors",
+                        get: errors,
+                        digits: 0,
+                        kind: Kind::Plain,
+                    },
+                ],
+            ),
         },
         Scenario {
             key: "rate",
             title: "(b) The same at a fixed arrival rate (by default half of direct's maximum in (a)), latency from the scheduled send time",
-            metrics: vec![
-                Metric {
-                    key: "offered_rps",
-                    label: "offered rate (req/s)",
-                    get: |r| num(r, "/offered_rps"),
-                    digits: 0,
-                    kind: Kind::Plain,
-                },
-                Metric {
-                    key: "rps",
-                    label: "achieved (req/s)",
-                    get: |r| num(r, "/rps"),
-                    digits: 0,
-                    kind: Kind::Plain,
-                },
-                Metric {
-                    key: "p50_ms",
-                    label: "latency p50 (ms)",
-                    get: |r| num(r, "/latency/p50_ms"),
-                    digits: 3,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "p99_ms",
-                    label: "latency p99 (ms)",
-                    get: |r| num(r, "/latency/p99_ms"),
-                    digits: 3,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "p999_ms",
-                    label: "latency p99.9 (ms)",
-                    get: |r| num(r, "/latency/p999_ms"),
-                    digits: 3,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "added_p99_ms",
-                    label: "added p99 vs direct (ms)",
-                    get: |r| num(r, "/latency/p99_ms"),
-                    digits: 3,
-                    kind: Kind::MinusDirect,
-                },
-                Metric {
-                    key: "service_p99_ms",
-                    label: "service time p99 (ms)",
-                    get: |r| num(r, "/service_time/p99_ms"),
-                    digits: 3,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "proxy_cpu_us_per_request",
-                    label: "proxy CPU per request (µs)",
-                    get: |r| num(r, "/proxy/cpu_us_per_request"),
-                    digits: 1,
-                    kind: Kind::Ratios,
-                },
-                Metric {
-                    key: "not_sent",
-                    label: "not sent (target fell behind)",
-                    get: |r| num(r, "/not_sent"),
-                    digits: 0,
-                    kind: Kind::Plain,
-                },
-                Metric {
-                    key: "errors",
-                    label: "errors",
-                    get: errors,
-                    digits: 0,
-                    kind: Kind::Plain,
-                },
-            ],
+            metrics: with_latency(
+                vec![
+                    Metric {
+                        key: "offered_rps",
+                        label: "offered rate (req/s)",
+                        get: |r| num(r, "/offered_rps"),
+                        digits: 0,
+                        kind: Kind::Plain,
+                    },
+                    Metric {
+                        key: "rps",
+                        label: "achieved (req/s)",
+                        get: |r| num(r, "/rps"),
+                        digits: 0,
+                        kind: Kind::Plain,
+                    },
+                ],
+                vec![
+                    Metric {
+                        key: "added_p99_ms",
+                        label: "added p99 vs direct (ms)",
+                        get: |r| num(r, "/latency/p99_ms"),
+                        digits: 3,
+                        kind: Kind::MinusDirect,
+                    },
+                    Metric {
+                        key: "service_p99_ms",
+                        label: "service time p99 (ms)",
+                        get: |r| num(r, "/service_time/p99_ms"),
+                        digits: 3,
+                        kind: Kind::Ratios,
+                    },
+                    Metric {
+                        key: "proxy_cpu_us_per_request",
+                        label: "proxy CPU per request (µs)",
+                        get: |r| num(r, "/proxy/cpu_us_per_request"),
+                        digits: 1,
+                        kind: Kind::Ratios,
+                    },
+                    Metric {
+                        key: "not_sent",
+                        label: "not sent (target fell behind)",
+                        get: |r| num(r, "/not_sent"),
+                        digits: 0,
+                        kind: Kind::Plain,
+                    },
+                    Metric {
+                        key: "errors",
+                        label: "errors",
+                        get: errors,
+                        digits: 0,
+                        kind: Kind::Plain,
+                    },
+                ],
+            ),
         },
         Scenario {
             key: "streams",
