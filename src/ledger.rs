@@ -2,12 +2,14 @@
 //! and then written, exactly once, to the store (Postgres, or SQLite embedded).
 //!
 //! The path of a record, one stage per file:
-//! 1. [`LedgerSink::record`] queues it for the journal thread (never blocks).
-//! 2. [`journal`]: the journal thread appends it to a checksummed segment file
-//!    and fsyncs records in groups (`ledger.fsync_interval`); only then is the
-//!    record durable and visible to the writer.
-//! 3. [`writer`]: the batch writer reads durable records from the journal in
-//!    order, inserts them in batches (`ledger.batch_size` rows or
+//! 1. [`LedgerSink::record`] appends it to a checksummed segment file of the
+//!    [`journal`] and writes it there at once (a short lock and one `write`,
+//!    no thread hop), so a killed process still leaves it on disk.
+//! 2. [`journal`]: the sync thread fsyncs written records in groups
+//!    (`ledger.fsync_interval`); only then is a record durable and handed to
+//!    the writer (in memory; the files are read back only to replay).
+//! 3. [`writer`]: the batch writer takes durable records in order, inserts
+//!    them in batches (`ledger.batch_size` rows or
 //!    `ledger.batch_interval`) with `ON CONFLICT (request_id) DO NOTHING`, and
 //!    then checkpoints the journal and deletes the segments it has passed.
 //! 4. [`store`]: the two backends, their migrations and queries.
@@ -27,7 +29,7 @@ pub mod writer;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -41,11 +43,14 @@ use crate::record::{UsageRecord, UsageSink};
 pub use metrics::LedgerMetrics;
 pub use store::{Backend, Store};
 
-use journal::{JournalMsg, JournalWriter};
+use journal::{Handoff, Journal, JournalWriter};
 
-/// Records queued for the journal past which the sink stops accepting new
-/// requests: the journal thread is not keeping up (a stalled disk).
+/// Records waiting to be written to the journal (only while its writes fail)
+/// past which the sink stops accepting new requests.
 const MAX_QUEUED_RECORDS: i64 = 100_000;
+/// Durable records held in memory for the batch writer; past this (the store
+/// is down and the writer behind) it reads them back from the journal files.
+const HANDOFF_CAPACITY: usize = 16_384;
 /// How long [`start`] tries to migrate before leaving it to the writer.
 const START_MIGRATE_TIMEOUT: Duration = Duration::from_secs(4);
 
@@ -168,14 +173,15 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The [`UsageSink`] of the ledger: hands each record to the journal thread
-/// through an unbounded in-memory queue and returns at once, so it is safe to
-/// call from `Drop` on a runtime worker.
+/// The [`UsageSink`] of the ledger: appends each record to the journal and
+/// writes it to the segment file before returning (a short lock and one
+/// `write` to the page cache, never an fsync), so it is safe to call from
+/// `Drop` on a runtime worker and needs no ack while the disk works.
 ///
 /// **When it is full.** [`accepting`](UsageSink::accepting) turns false when
 /// the journal on disk reaches `ledger.journal_max_bytes` (the store has been
 /// unreachable long enough), when journal writes fail, or when more than
-/// 100,000 records wait for the journal thread (a stalled disk). The proxy then
+/// 100,000 records wait to be written (a failing disk). The proxy then
 /// refuses new requests with 503 rather than forward traffic it could not
 /// account for; `tollgate_ledger_journal_full` is 1 and an error is logged.
 /// Records of requests already in flight are still taken and journalled —
@@ -183,12 +189,12 @@ pub(crate) fn now_ms() -> u64 {
 /// its limit by what those requests produce. It accepts again as soon as the
 /// writer has caught up enough to delete segments.
 ///
-/// Only if the journal thread itself has stopped (after
+/// Only if the journal's sync thread has stopped (after
 /// [`LedgerHandle::shutdown`], or a fatal fault) can a record not be
 /// journalled; it is then logged in full at error level and counted as
 /// `dropped`.
 pub struct LedgerSink {
-    tx: mpsc::Sender<JournalMsg>,
+    journal: Arc<Journal>,
     shared: Arc<Shared>,
 }
 
@@ -200,27 +206,21 @@ impl std::fmt::Debug for LedgerSink {
 
 impl UsageSink for LedgerSink {
     fn record(&self, record: UsageRecord) -> crate::record::RecordAck {
-        self.shared.metrics.queue_depth.inc();
-        let (ack, acked) = tokio::sync::oneshot::channel();
-        if let Err(mpsc::SendError(message)) =
-            self.tx
-                .send(JournalMsg::Record(Box::new(record), now_ms(), ack))
-        {
-            self.shared.metrics.queue_depth.dec();
-            self.shared
-                .metrics
-                .records
-                .with_label_values(&["dropped"])
-                .inc();
-            if let JournalMsg::Record(record, _, _) = message {
+        match self.journal.append(record) {
+            Ok(ack) => ack,
+            Err(record) => {
+                self.shared
+                    .metrics
+                    .records
+                    .with_label_values(&["dropped"])
+                    .inc();
                 tracing::error!(
                     record = %serde_json::to_string(&record).unwrap_or_default(),
                     "usage journal has stopped; this record is only in this log line"
                 );
+                None
             }
-            return None;
         }
-        Some(acked)
     }
 
     fn accepting(&self) -> bool {
@@ -239,7 +239,7 @@ pub struct LedgerHealth {
     /// New requests are admitted (see [`LedgerSink`]).
     pub accepting: bool,
     pub journal_full: bool,
-    /// Records waiting for the journal thread.
+    /// Records waiting to be written to the journal (only while writes fail).
     pub queue_depth: u64,
     pub journal_bytes: u64,
     pub journal_max_bytes: u64,
@@ -264,7 +264,7 @@ impl LedgerHealth {
 pub struct LedgerHandle {
     shared: Arc<Shared>,
     backend: Backend,
-    tx: mpsc::Sender<JournalMsg>,
+    journal: Arc<Journal>,
     journal_thread: std::thread::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
     cancel: CancellationToken,
@@ -374,7 +374,7 @@ impl LedgerHandle {
     }
 
     /// Stops the ledger. Call it after the last request has finished:
-    /// 1. the journal thread takes everything still queued, fsyncs it and stops
+    /// 1. the journal's sync thread fsyncs everything appended and stops
     ///    (records given to the sink after this are logged, not journalled);
     /// 2. the writer inserts what remains in the journal, for at most
     ///    `max_wait` — if the store is down, the records stay in the journal
@@ -383,7 +383,7 @@ impl LedgerHandle {
     pub async fn shutdown(self, max_wait: Duration) {
         let LedgerHandle {
             shared,
-            tx,
+            journal,
             journal_thread,
             writer,
             cancel,
@@ -391,8 +391,7 @@ impl LedgerHandle {
             ..
         } = self;
         // 1.
-        let _ = tx.send(JournalMsg::Shutdown);
-        drop(tx);
+        journal.stop();
         match tokio::task::spawn_blocking(move || journal_thread.join()).await {
             Ok(Ok(())) => {}
             _ => tracing::error!("usage journal thread panicked"),
@@ -539,15 +538,20 @@ pub async fn start(
     shared.metrics.store_up.set(i64::from(store_reachable));
     shared.update_full();
 
-    let (tx, rx) = mpsc::channel();
     let (durable_tx, durable_rx) = tokio::sync::watch::channel(recovered.last_seq);
+    let handoff = Arc::new(Handoff::new(HANDOFF_CAPACITY));
+    let journal = Arc::new(Journal::new(
+        recovered.writer,
+        shared.clone(),
+        handoff.clone(),
+        durable_tx,
+        cfg.fsync_interval,
+    ));
     let journal_thread = {
-        let shared = shared.clone();
-        let fsync_interval = cfg.fsync_interval;
-        let journal = recovered.writer;
+        let journal = journal.clone();
         std::thread::Builder::new()
             .name("tollgate-journal".into())
-            .spawn(move || journal::run_journal(journal, rx, durable_tx, shared, fsync_interval))
+            .spawn(move || journal.run_sync())
             .context("cannot start the journal thread")?
     };
 
@@ -558,6 +562,7 @@ pub async fn start(
         batch_interval: cfg.batch_interval,
         migrate: cfg.migrate && !migrated,
         replay_until: recovered.last_seq,
+        handoff,
         url,
     };
     // The writer's supervisor, named by its span; this handle owns it.
@@ -567,17 +572,39 @@ pub async fn start(
     );
 
     let sink = Arc::new(LedgerSink {
-        tx: tx.clone(),
+        journal: journal.clone(),
         shared: shared.clone(),
     });
     let handle = LedgerHandle {
         shared,
         backend,
-        tx,
+        journal,
         journal_thread,
         writer,
         cancel,
         journal_dir: dir,
     };
     Ok((sink, handle))
+}
+
+#[cfg(test)]
+impl Shared {
+    /// A fresh state with its own metrics registry, for unit tests.
+    pub(crate) fn for_test(max_bytes: u64) -> Arc<Shared> {
+        let registry = prometheus::Registry::new();
+        let metrics = LedgerMetrics::new(&registry, || 0.0).unwrap();
+        Arc::new(Shared {
+            metrics,
+            progress: Arc::new(Progress::default()),
+            max_bytes,
+            journal_alive: AtomicBool::new(true),
+            writer_alive: AtomicBool::new(true),
+            journal_failing: AtomicBool::new(false),
+            journal_full: AtomicBool::new(false),
+            durable_seq: AtomicU64::new(0),
+            checkpoint: AtomicU64::new(0),
+            store_reachable: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+        })
+    }
 }

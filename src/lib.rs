@@ -49,4 +49,5 @@ pub mod secret;
 pub mod server;
 pub mod task;
 pub mod telemetry;
+pub mod timestamp;
 pub mod upstream;

@@ -97,7 +97,9 @@ pub struct UsageRecord {
     /// Milliseconds from request arrival to the first response byte sent.
     pub ttfb_ms: Option<u64>,
     pub duration_ms: u64,
+    #[serde(serialize_with = "crate::timestamp::serialize")]
     pub started_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::timestamp::serialize")]
     pub finished_at: DateTime<Utc>,
     /// Malformed SSE events seen by the meter (never fatal).
     pub meter_errors: u32,

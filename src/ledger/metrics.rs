@@ -19,8 +19,8 @@ const IO_BUCKETS: &[f64] = &[
 /// Metrics of the journal and the batch writer.
 #[derive(Clone)]
 pub struct LedgerMetrics {
-    /// Records handed to the sink and not yet appended to the journal. Also the
-    /// counter the sink itself reads, so it is exact.
+    /// Records accepted by the sink and not yet written to the journal file
+    /// (only while its writes fail). Also the counter the sink itself reads.
     pub queue_depth: IntGauge,
     /// Size of the journal's segment files; the sink refuses traffic past
     /// `ledger.journal_max_bytes`.
@@ -57,7 +57,7 @@ impl LedgerMetrics {
         let m = LedgerMetrics {
             queue_depth: IntGauge::new(
                 "tollgate_ledger_queue_depth",
-                "Usage records waiting to be appended to the journal.",
+                "Usage records accepted but not yet written to the journal (non-zero only while journal writes fail).",
             )?,
             journal_bytes: IntGauge::new(
                 "tollgate_ledger_journal_bytes",

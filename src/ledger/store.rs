@@ -286,7 +286,7 @@ pub(crate) fn to_u64(n: i64) -> u64 {
 /// The SQLite text form of a timestamp: fixed width, UTC, microseconds, so
 /// that comparing the text compares the instants.
 pub fn sqlite_timestamp(t: &DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    crate::timestamp::micros(t)
 }
 
 /// Whether an error says the store could not be reached or is briefly unable

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::record::UsageRecord;
 
 use super::Shared;
-use super::journal::{self, JournalReader, ReadBatch};
+use super::journal::{self, Handoff, JournalReader, ReadBatch};
 use super::store::{self, Store};
 
 /// Longest an insert may take before it counts as failed and is retried
@@ -51,6 +51,8 @@ pub(crate) struct WriterSettings {
     pub migrate: bool,
     /// Records up to this sequence number come from a previous run.
     pub replay_until: u64,
+    /// Durable records from the journal's sync thread.
+    pub handoff: Arc<Handoff>,
     /// The store URL, only to scrub its password from error messages.
     pub url: String,
 }
@@ -79,6 +81,7 @@ pub(crate) async fn supervise(
             reader: Some(JournalReader::new(
                 &settings.dir,
                 shared.checkpoint.load(Ordering::SeqCst),
+                settings.handoff.clone(),
             )),
             store: store.clone(),
             settings: settings.clone(),
@@ -186,8 +189,16 @@ impl BatchWriter {
         false
     }
 
-    /// Reads records in a blocking thread (the journal is plain files).
+    /// Takes records from the hand-off, or reads them from the journal files
+    /// in a blocking thread.
     async fn read(&mut self, max: usize, durable: u64) -> anyhow::Result<ReadBatch> {
+        if let Some(batch) = self
+            .reader
+            .as_mut()
+            .and_then(|reader| reader.read_handoff(max, durable))
+        {
+            return Ok(batch);
+        }
         let mut reader = self.reader.take().context("journal reader lost")?;
         let (reader, result) = tokio::task::spawn_blocking(move || {
             let result = reader.read(max, durable);
