@@ -524,7 +524,6 @@ pub(crate) struct Journal {
     wake: Condvar,
     shared: Arc<Shared>,
     handoff: Arc<Handoff>,
-    durable: tokio::sync::watch::Sender<u64>,
     fsync_interval: Duration,
 }
 
@@ -543,6 +542,10 @@ struct State {
     stopping: bool,
     /// The sync thread has stopped: nothing more can be journalled.
     closed: bool,
+    /// Publishes the highest durable sequence number to the batch writer;
+    /// dropped when the sync thread stops, which tells the writer that
+    /// nothing more will come.
+    durable: Option<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -570,11 +573,11 @@ impl Journal {
                 epoch: 0,
                 stopping: false,
                 closed: false,
+                durable: Some(durable),
             }),
             wake: Condvar::new(),
             shared,
             handoff,
-            durable,
             fsync_interval,
         }
     }
@@ -689,7 +692,9 @@ impl Journal {
         struct AliveGuard<'a>(&'a Journal);
         impl Drop for AliveGuard<'_> {
             fn drop(&mut self) {
-                self.0.lock().closed = true;
+                let mut state = self.0.lock();
+                state.closed = true;
+                state.durable = None;
                 self.0.shared.journal_alive.store(false, Ordering::SeqCst);
             }
         }
@@ -859,7 +864,9 @@ impl Journal {
         shared
             .durable_seq
             .store(snapshot.last_seq, Ordering::SeqCst);
-        self.durable.send_replace(snapshot.last_seq);
+        if let Some(durable) = &state.durable {
+            durable.send_replace(snapshot.last_seq);
+        }
         shared.update_full();
     }
 
