@@ -15,7 +15,8 @@
 //!
 //! Around each measurement it reads the proxy's CPU time and memory from
 //! `/proc` (`--pid`, the process and its children, so nginx's workers count).
-//! `report` turns the collected JSON lines into `bench/results/`.
+//! `report` turns the collected JSON lines into `bench/results/`; `summary`
+//! turns a report's JSON into the headline table the README shows.
 //!
 //! The client is hyper's own HTTP/1.1 connection (`hyper::client::conn`), one
 //! request at a time per connection, with keep-alive, on tokio's multi-threaded
@@ -82,6 +83,8 @@ enum Command {
     },
     /// Writes the Markdown and JSON report from the raw results.
     Report(report::ReportArgs),
+    /// Prints the headline table of a report's JSON (the README's block).
+    Summary(report::SummaryArgs),
 }
 
 /// Options every measurement shares.
@@ -332,6 +335,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Report(args) => report::write(&args),
+        Command::Summary(args) => report::summary(&args),
     }
 }
 

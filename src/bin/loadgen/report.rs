@@ -35,6 +35,72 @@ pub struct ReportArgs {
     /// A `key=value` run parameter shown with the machine details (repeatable).
     #[arg(long = "param")]
     params: Vec<String>,
+    /// How scenario (b)'s rate was chosen: `given` (scripts/bench --rate), or
+    /// `throughput` / `calibration`: half of the lowest maximum measured there.
+    #[arg(long, value_parser = ["given", "throughput", "calibration"])]
+    rate_source: Option<String>,
+    /// The target whose maximum set the rate (the slowest one).
+    #[arg(long)]
+    rate_set_by: Option<String>,
+    /// That target's maximum (median requests/s).
+    #[arg(long)]
+    rate_max_rps: Option<f64>,
+}
+
+/// How scenario (b)'s offered rate was chosen.
+#[derive(Debug, Clone, PartialEq)]
+struct RateBasis {
+    /// `given`, `throughput` or `calibration`.
+    source: String,
+    /// The target whose maximum set the rate.
+    target: Option<String>,
+    /// Its maximum, requests/s.
+    max_rps: Option<f64>,
+}
+
+impl RateBasis {
+    fn from_args(args: &ReportArgs) -> Option<Self> {
+        Some(Self {
+            source: args.rate_source.clone()?,
+            target: args.rate_set_by.clone(),
+            max_rps: args.rate_max_rps,
+        })
+    }
+
+    fn from_json(value: &Value) -> Option<Self> {
+        Some(Self {
+            source: value["source"].as_str()?.to_owned(),
+            target: value["target"].as_str().map(str::to_owned),
+            max_rps: value["max_rps"].as_f64(),
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "source": self.source,
+            "target": self.target,
+            "max_rps": self.max_rps,
+            "rule": self.rule(),
+        })
+    }
+
+    /// The rule in words, naming the target whose maximum set the rate.
+    fn rule(&self) -> String {
+        let from = match self.source.as_str() {
+            "given" => return "given with `scripts/bench --rate`".into(),
+            "calibration" => "in a short calibration run (scenario (a) did not run)",
+            _ => "in (a)",
+        };
+        let whose = match (&self.target, self.max_rps) {
+            (Some(t), Some(max)) => format!(": `{t}`'s {} req/s {from}", format_number(max, 0)),
+            (Some(t), None) => format!(": `{t}`'s, {from}"),
+            _ => format!(", {from}"),
+        };
+        format!(
+            "half of the lowest maximum throughput among the targets{whose}, so every target \
+             runs at or below half of its own maximum"
+        )
+    }
 }
 
 /// Targets in the order of the tables; others follow in order of appearance.
@@ -154,7 +220,7 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             key: "rate",
-            title: "(b) The same at a fixed arrival rate (by default half of direct's maximum in (a)), latency from the scheduled send time",
+            title: "(b) The same at a fixed arrival rate (by default half of the slowest target's maximum), latency from the scheduled send time",
             metrics: with_latency(
                 vec![
                     Metric {
@@ -539,25 +605,37 @@ fn cell(metric: &Metric, medians: &Medians, target: &str) -> String {
             Some(direct) if target != "direct" => format!("{:+.*}", metric.digits, value - direct),
             _ => "–".into(),
         },
-        Kind::Ratios => {
-            let mut text = format_number(value, metric.digits);
-            let mut ratios = Vec::new();
-            if target != "direct"
-                && let Some(r) = ratio(value, of("direct"))
-            {
-                ratios.push(format!("{r:.2}×d"));
-            }
-            if target != "nginx"
-                && let Some(r) = ratio(value, of("nginx"))
-            {
-                ratios.push(format!("{r:.2}×n"));
-            }
-            if !ratios.is_empty() {
-                text.push_str(&format!(" ({})", ratios.join(", ")));
-            }
-            text
-        }
+        Kind::Ratios => with_ratios(
+            format_number(value, metric.digits),
+            target,
+            ratio(value, of("direct")),
+            ratio(value, of("nginx")),
+        ),
     }
+}
+
+/// `text (0.50×d, 2.00×n)`, leaving out a target's ratio to itself.
+fn with_ratios(
+    mut text: String,
+    target: &str,
+    vs_direct: Option<f64>,
+    vs_nginx: Option<f64>,
+) -> String {
+    let mut ratios = Vec::new();
+    if target != "direct"
+        && let Some(r) = vs_direct
+    {
+        ratios.push(format!("{r:.2}×d"));
+    }
+    if target != "nginx"
+        && let Some(r) = vs_nginx
+    {
+        ratios.push(format!("{r:.2}×n"));
+    }
+    if !ratios.is_empty() {
+        text.push_str(&format!(" ({})", ratios.join(", ")));
+    }
+    text
 }
 
 /// One check of an issue-5 target.
@@ -812,6 +890,8 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
         .map(|(k, v)| (k.to_owned(), json!(v)))
         .collect();
 
+    let rate_basis = RateBasis::from_args(args);
+
     let scenarios = scenarios();
     let mut all: BTreeMap<&str, Medians> = BTreeMap::new();
     let mut md = String::new();
@@ -840,7 +920,13 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
         let targets = order(targets);
         md.push_str(&format!("## {}\n\n", scenario.title));
         if let Some(first) = mine.first() {
-            md.push_str(&describe(scenario.key, first, mine.len(), targets.len()));
+            md.push_str(&describe(
+                scenario.key,
+                first,
+                mine.len(),
+                targets.len(),
+                rate_basis.as_ref(),
+            ));
         }
         md.push_str(&format!("| | {} |\n", targets.join(" | ")));
         md.push_str(&format!("|---|{}\n", "---:|".repeat(targets.len())));
@@ -951,6 +1037,7 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
         "generated_at": generated.to_rfc3339(),
         "machine": machine,
         "params": params,
+        "rate_basis": rate_basis.as_ref().map(RateBasis::to_json),
         "notes": args.notes,
         "scenarios": json_scenarios,
         "meter": meter,
@@ -975,6 +1062,296 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     }
     print!("{md}");
     Ok(())
+}
+
+/// Flags of `loadgen summary`.
+#[derive(Debug, clap::Args)]
+pub struct SummaryArgs {
+    /// A report written by `loadgen report` (bench/results/latest.json).
+    #[arg(long)]
+    json: PathBuf,
+    /// Where the link to the full report points, relative to where the
+    /// summary is shown (the README: bench/results/latest.md).
+    #[arg(long, default_value = "bench/results/latest.md")]
+    link: String,
+    /// Write the summary to this file instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// The rows of the headline table: scenario, metric, label (`{rate}`: the
+/// offered rate of (b)).
+const SUMMARY_ROWS: [(&str, &str, &str); 10] = [
+    ("throughput", "rps", "(a) maximum throughput (req/s)"),
+    (
+        "throughput",
+        "proxy_cpu_us_per_request",
+        "(a) proxy CPU per request (µs)",
+    ),
+    ("rate", "p50_ms", "(b) latency p50 at {rate} req/s (ms)"),
+    ("rate", "p99_ms", "(b) latency p99 at {rate} req/s (ms)"),
+    ("rate", "added_p99_ms", "(b) added p99 vs direct (ms)"),
+    ("streams", "ttfb_p99_ms", "(c) TTFB p99 (ms)"),
+    (
+        "streams",
+        "ttfb_added_p99_ms",
+        "(c) TTFB p99 overhead vs direct (ms)",
+    ),
+    (
+        "streams",
+        "relay_added_p99_ms",
+        "(c) event relay p99 overhead vs direct (ms)",
+    ),
+    ("hold", "kib_per_stream", "(d) proxy KiB per open stream"),
+    (
+        "soak",
+        "rss_growth_pct",
+        "(e) soak: RSS growth after warm-up (%)",
+    ),
+];
+
+/// `loadgen summary`: the headline table of a report (the README's block).
+pub fn summary(args: &SummaryArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.json)
+        .with_context(|| format!("reading {}", args.json.display()))?;
+    let report: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", args.json.display()))?;
+    let md = summary_markdown(&report, &args.link);
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{md}"),
+    }
+    Ok(())
+}
+
+/// The median figure `{value, vs_direct, vs_nginx}` of one metric in a report.
+fn report_figure<'a>(
+    report: &'a Value,
+    scenario: &str,
+    target: &str,
+    key: &str,
+) -> Option<&'a Value> {
+    report
+        .get("scenarios")?
+        .get(scenario)?
+        .get(target)?
+        .get("median")?
+        .get(key)
+        .filter(|f| f["value"].is_f64())
+}
+
+fn summary_markdown(report: &Value, link: &str) -> String {
+    let scenarios = scenarios();
+    let metric = |scenario: &str, key: &str| {
+        scenarios
+            .iter()
+            .find(|s| s.key == scenario)
+            .and_then(|s| s.metrics.iter().find(|m| m.key == key))
+    };
+    let mut targets = Vec::new();
+    for (scenario, _, _) in SUMMARY_ROWS {
+        if let Some(Value::Object(per_target)) = report.pointer(&format!("/scenarios/{scenario}")) {
+            for t in per_target.keys() {
+                if !targets.contains(t) {
+                    targets.push(t.clone());
+                }
+            }
+        }
+    }
+    let targets = order(targets);
+    let offered = targets
+        .iter()
+        .find_map(|t| report_figure(report, "rate", t, "offered_rps"))
+        .and_then(|f| f["value"].as_f64());
+    let rate_text = offered.map_or("?".into(), |r| format_number(r, 0));
+
+    let mut md = String::new();
+    let machine = &report["machine"];
+    let when = report["generated_at"]
+        .as_str()
+        .map(|g| {
+            chrono::DateTime::parse_from_rfc3339(g).map_or(g.to_owned(), |d| {
+                d.with_timezone(&chrono::Utc)
+                    .format("%Y-%m-%d %H:%M UTC")
+                    .to_string()
+            })
+        })
+        .unwrap_or_else(|| "?".into());
+    let mode = match report["mode"].as_str() {
+        Some("quick") => "Quick",
+        _ => "Full",
+    };
+    let mut about = vec![format!("{mode} run of {when}")];
+    if let Some(commit) = machine["commit"].as_str() {
+        let dirty = if machine["worktree_dirty"] == true {
+            ", uncommitted changes"
+        } else {
+            ""
+        };
+        about.push(format!("commit `{commit}`{dirty}"));
+    }
+    if let Some(cpus) = machine["logical_cpus"].as_u64() {
+        about.push(format!(
+            "{cpus} logical CPUs shared by the load generator, the mock upstream and the proxy"
+        ));
+    }
+    if let Some(load) = machine["load_average"].as_str().filter(|l| !l.is_empty()) {
+        about.push(format!("load average {load} at the end"));
+    }
+    let reps = report
+        .pointer("/params/repetitions")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    md.push_str(&format!(
+        "{}. Each cell is a median over {reps} repetition(s) ((d) and (e): one run), with its \
+         ratio to `direct` (×d) and to `nginx` (×n). Full report: [{link}]({link}).\n\n",
+        about.join("; ")
+    ));
+
+    let mut rows = Vec::new();
+    for (scenario, key, label) in SUMMARY_ROWS {
+        let Some(metric) = metric(scenario, key) else {
+            continue;
+        };
+        let figures: Vec<Option<&Value>> = targets
+            .iter()
+            .map(|t| report_figure(report, scenario, t, key))
+            .collect();
+        if figures.iter().all(Option::is_none) {
+            continue;
+        }
+        let cells: Vec<String> = targets
+            .iter()
+            .zip(&figures)
+            .map(|(target, figure)| {
+                let Some(figure) = figure else {
+                    return "–".into();
+                };
+                let value = figure["value"].as_f64().unwrap_or(f64::NAN);
+                match metric.kind {
+                    Kind::Plain => format_number(value, metric.digits),
+                    Kind::MinusDirect if target == "direct" => "–".into(),
+                    Kind::MinusDirect => format!("{value:+.*}", metric.digits),
+                    Kind::Ratios => with_ratios(
+                        format_number(value, metric.digits),
+                        target,
+                        figure["vs_direct"].as_f64(),
+                        figure["vs_nginx"].as_f64(),
+                    ),
+                }
+            })
+            .collect();
+        rows.push(format!(
+            "| {} | {} |\n",
+            label.replace("{rate}", &rate_text),
+            cells.join(" | ")
+        ));
+    }
+    if !rows.is_empty() {
+        md.push_str(&format!("| | {} |\n", targets.join(" | ")));
+        md.push_str(&format!("|---|{}\n", "---:|".repeat(targets.len())));
+        md.extend(rows);
+        md.push('\n');
+    }
+
+    if let Some(offered) = offered {
+        md.push_str(&format!(
+            "(b) offers {rate_text} req/s to every target: {}.",
+            summary_rate_rule(report, offered)
+        ));
+        let saturated: Vec<String> = targets
+            .iter()
+            .filter_map(|t| {
+                let max = report_figure(report, "throughput", t, "rps")?["value"].as_f64()?;
+                (offered >= 0.9 * max)
+                    .then(|| format!("`{t}` (max {} req/s)", format_number(max, 0)))
+            })
+            .collect();
+        if !saturated.is_empty() {
+            md.push_str(&format!(
+                " That rate is 90 % or more of the maximum of {}: their (b) latency is mostly \
+                 queueing, not overhead.",
+                saturated.join(", ")
+            ));
+        }
+        md.push_str("\n\n");
+    }
+
+    if let Some(meter) = report["meter"].as_array().filter(|m| !m.is_empty()) {
+        let memchr = meter
+            .iter()
+            .find(|m| m["name"].as_str().is_some_and(|n| n.contains("memchr")))
+            .and_then(|m| m["gib_per_s"].as_f64());
+        md.push_str("| (f) meter, criterion, one core | GiB/s | vs memchr |\n|---|---:|---:|\n");
+        for m in meter {
+            let gib = m["gib_per_s"].as_f64().unwrap_or(f64::NAN);
+            md.push_str(&format!(
+                "| {} | {gib:.2} | {} |\n",
+                m["name"].as_str().unwrap_or("?"),
+                memchr.map_or("–".into(), |r| format!("{:.2}×", gib / r)),
+            ));
+        }
+        md.push('\n');
+    }
+
+    if let Some(checks) = report["targets"].as_array().filter(|c| !c.is_empty()) {
+        let count = |met: Value| checks.iter().filter(|c| c["met"] == met).count();
+        let (met, not_met, unmeasured) =
+            (count(json!(true)), count(json!(false)), count(Value::Null));
+        let mut text = format!("Issue 5 targets: {met} met, {not_met} not met");
+        if unmeasured > 0 {
+            text.push_str(&format!(", {unmeasured} not measured"));
+        }
+        md.push_str(&format!(
+            "{text} (each proxy and meter benchmark counted; the list is in the full report).\n\n"
+        ));
+    }
+    while md.ends_with("\n\n") {
+        md.pop();
+    }
+    md
+}
+
+/// How (b)'s rate was chosen, in words. Reports written before the basis
+/// was recorded are matched against (a): the target whose maximum halves to
+/// the offered rate.
+fn summary_rate_rule(report: &Value, offered: f64) -> String {
+    if let Some(basis) = RateBasis::from_json(&report["rate_basis"]) {
+        return basis.rule();
+    }
+    let maxima: Vec<(String, f64)> = report
+        .pointer("/scenarios/throughput")
+        .and_then(Value::as_object)
+        .map(|per_target| {
+            per_target
+                .keys()
+                .filter_map(|t| {
+                    let max = report_figure(report, "throughput", t, "rps")?["value"].as_f64()?;
+                    Some((t.clone(), max))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let lowest = maxima.iter().map(|(_, m)| *m).fold(f64::INFINITY, f64::min);
+    match maxima
+        .iter()
+        .find(|(_, max)| (max / 2.0).floor() == offered)
+    {
+        Some((t, max)) if *max == lowest => RateBasis {
+            source: "throughput".into(),
+            target: Some(t.clone()),
+            max_rps: Some(*max),
+        }
+        .rule(),
+        Some((t, max)) => format!(
+            "half of `{t}`'s maximum of {} req/s in (a), the harness's rule when this run was \
+             made (now: half of the lowest maximum among the targets)",
+            format_number(*max, 0)
+        ),
+        None => "the rule that set it is not recorded in this report".into(),
+    }
 }
 
 /// Names the targets for which the open-loop rate was at or above their own
@@ -1014,7 +1391,13 @@ fn order(mut targets: Vec<String>) -> Vec<String> {
 }
 
 /// One line saying what the scenario ran, from the first row's parameters.
-fn describe(scenario: &str, row: &Value, runs: usize, targets: usize) -> String {
+fn describe(
+    scenario: &str,
+    row: &Value,
+    runs: usize,
+    targets: usize,
+    rate_basis: Option<&RateBasis>,
+) -> String {
     let reps = runs.div_ceil(targets.max(1));
     let n = |p: &str| {
         row.pointer(p)
@@ -1028,9 +1411,10 @@ fn describe(scenario: &str, row: &Value, runs: usize, targets: usize) -> String 
             n("/window_s")
         ),
         "rate" => format!(
-            "{} requests/s offered to every target over {} connections, {} s measured after a \
+            "{} requests/s offered to every target{} over {} connections, {} s measured after a \
              warm-up",
             num(row, "/offered_rps").map_or("?".into(), |r| format_number(r, 0)),
+            rate_basis.map_or(String::new(), |b| format!(" ({})", b.rule())),
             n("/connections"),
             n("/window_s")
         ),
@@ -1088,5 +1472,97 @@ mod tests {
         let checks = checks(&all, &[]);
         let a = checks.iter().find(|c| c.goal.starts_with("(a)")).unwrap();
         assert_eq!(a.met, Some(true));
+    }
+
+    #[test]
+    fn rate_rule_names_the_target_that_set_it() {
+        let basis = RateBasis {
+            source: "throughput".into(),
+            target: Some("tollgate-virtual".into()),
+            max_rps: Some(17867.0),
+        };
+        assert!(
+            basis
+                .rule()
+                .starts_with("half of the lowest maximum throughput among the targets: `tollgate-virtual`'s 17,867 req/s in (a)")
+        );
+        assert_eq!(RateBasis::from_json(&basis.to_json()), Some(basis));
+        let given = RateBasis {
+            source: "given".into(),
+            target: None,
+            max_rps: None,
+        };
+        assert!(given.rule().contains("--rate"));
+    }
+
+    /// A report as `write` stores it, reduced to what the summary reads.
+    fn report_json(rate_basis: Value) -> Value {
+        let fig = |value: f64, d: Option<f64>, n: Option<f64>| json!({ "value": value, "vs_direct": d, "vs_nginx": n });
+        json!({
+            "mode": "full",
+            "generated_at": "2026-11-25T16:38:28.123+00:00",
+            "machine": { "commit": "abc1234", "worktree_dirty": false, "logical_cpus": 2 },
+            "params": { "repetitions": "3" },
+            "rate_basis": rate_basis,
+            "scenarios": {
+                "throughput": {
+                    "direct": { "median": { "rps": fig(1000.0, Some(1.0), Some(2.0)) } },
+                    "nginx": { "median": { "rps": fig(500.0, Some(0.5), Some(1.0)) } },
+                    "tollgate-postgres": { "median": { "rps": fig(200.0, Some(0.2), Some(0.4)) } },
+                },
+                "rate": {
+                    "direct": { "median": {
+                        "offered_rps": { "value": 100.0 },
+                        "added_p99_ms": { "value": 0.0 },
+                    } },
+                    "tollgate-postgres": { "median": {
+                        "offered_rps": { "value": 100.0 },
+                        "added_p99_ms": { "value": 0.25 },
+                    } },
+                },
+            },
+            "meter": [
+                { "name": "memchr_newlines", "gib_per_s": 10.0 },
+                { "name": "sse_meter", "gib_per_s": 2.0 },
+            ],
+            "targets": [{ "met": true }, { "met": false }, { "met": false }],
+        })
+    }
+
+    #[test]
+    fn summary_has_the_headline_figures() {
+        let basis = RateBasis {
+            source: "throughput".into(),
+            target: Some("tollgate-postgres".into()),
+            max_rps: Some(200.0),
+        };
+        let md = summary_markdown(&report_json(basis.to_json()), "latest.md");
+        assert!(md.starts_with("Full run of 2026-11-25 16:38 UTC; commit `abc1234`;"));
+        assert!(md.contains("[latest.md](latest.md)"));
+        assert!(md.contains("| | direct | nginx | tollgate-postgres |\n"));
+        assert!(md.contains(
+            "| (a) maximum throughput (req/s) | 1,000 (2.00×n) | 500 (0.50×d) | 200 (0.20×d, 0.40×n) |"
+        ));
+        assert!(md.contains("| (b) added p99 vs direct (ms) | – | – | +0.250 |"));
+        assert!(md.contains("(b) offers 100 req/s to every target: half of the lowest"));
+        assert!(md.contains("`tollgate-postgres`'s 200 req/s in (a)"));
+        assert!(!md.contains("queueing"));
+        assert!(md.contains("| sse_meter | 2.00 | 0.20× |"));
+        assert!(md.contains("Issue 5 targets: 1 met, 2 not met"));
+        assert!(md.ends_with(".\n") && !md.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn summary_infers_the_rate_rule_of_older_reports() {
+        let mut report = report_json(Value::Null);
+        for t in ["direct", "tollgate-postgres"] {
+            report["scenarios"]["rate"][t]["median"]["offered_rps"]["value"] = json!(500.0);
+        }
+        let md = summary_markdown(&report, "latest.md");
+        assert!(
+            md.contains("half of `direct`'s maximum of 1,000 req/s in (a), the harness's rule")
+        );
+        assert!(md.contains("`tollgate-postgres` (max 200 req/s)"));
+        assert!(md.contains("mostly queueing"));
     }
 }
