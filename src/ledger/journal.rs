@@ -391,20 +391,30 @@ impl JournalWriter {
         self.written = 0;
     }
 
-    /// Starts a new segment for the records to come once the current one has
-    /// reached its size. Only when everything is written, so that the frames
-    /// of the new segment are exactly those appended from now on.
-    fn rotate_if_full(&mut self) -> io::Result<()> {
+    /// [`snapshot`](Self::snapshot), then, once the current segment has
+    /// reached its size, a new segment for the records to come. The snapshot
+    /// keeps the segment its records are in, so the new one never needs the
+    /// fsync that makes them durable. Call after a successful
+    /// [`write_out`](Self::write_out).
+    fn snapshot_and_rotate(&mut self) -> Option<Snapshot> {
+        let snapshot = self.snapshot();
         let full = self
             .file
             .as_ref()
             .is_some_and(|(_, len)| *len >= self.segment_bytes);
         if full && self.written == self.buf.len() {
-            let file = create_segment(&self.dir, self.next_seq)?;
-            self.file = Some((Arc::new(file), 0));
-            self.dir_dirty = true;
+            match create_segment(&self.dir, self.next_seq) {
+                Ok(file) => {
+                    self.file = Some((Arc::new(file), 0));
+                    self.dir_dirty = true;
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot start a new journal segment; appending to the current one"
+                ),
+            }
         }
-        Ok(())
+        snapshot
     }
 
     /// What an fsync now would make durable; `None` when there is nothing to
@@ -751,10 +761,7 @@ impl Journal {
                     continue;
                 }
                 state.group_started = None;
-                if let Err(e) = state.writer.rotate_if_full() {
-                    tracing::warn!(error = %e, "cannot start a new journal segment; appending to the current one");
-                }
-                if let Some(snapshot) = state.writer.snapshot() {
+                if let Some(snapshot) = state.writer.snapshot_and_rotate() {
                     drop(state);
                     let started = Instant::now();
                     let result = snapshot.file.sync_data().and_then(|()| {
@@ -1221,6 +1228,35 @@ mod tests {
             meter_errors: 0,
             long_context_beta: false,
         }
+    }
+
+    /// A sync started as a segment fills covers the segment holding its
+    /// records, not the one begun for the records after them.
+    #[test]
+    fn a_sync_covers_the_full_segment_not_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = JournalWriter::open(dir.path(), 1).unwrap().writer;
+        writer.push(1, b"{}");
+        writer.push(1, b"{}");
+        writer.write_out().unwrap();
+        let snapshot = writer.snapshot_and_rotate().unwrap();
+        assert_eq!(snapshot.last_seq, 2);
+        assert_eq!(
+            snapshot.file.metadata().unwrap().len(),
+            snapshot.bytes as u64
+        );
+        let (next, len) = writer.file.as_ref().unwrap();
+        assert_eq!(*len, 0);
+        assert_eq!(next.metadata().unwrap().len(), 0);
+        assert!(snapshot.dir && writer.dir_dirty);
+        assert_eq!(
+            list_segments(dir.path())
+                .unwrap()
+                .iter()
+                .map(|s| s.first_seq)
+                .collect::<Vec<_>>(),
+            [1, 3]
+        );
     }
 
     /// Appenders on several threads, tiny segments (a rotation every few
