@@ -113,7 +113,9 @@ pub struct UsageRecord {
 pub type RecordAck = Option<tokio::sync::oneshot::Receiver<()>>;
 
 /// Where finalised records go. `record` is called exactly once per request,
-/// possibly from a `Drop`, so it must not block.
+/// possibly from a `Drop` on a runtime worker, so it must not wait on anything
+/// slow: the ledger's sink takes a short lock and does one `write` to the page
+/// cache (as nginx writes its access log), never an fsync or a network call.
 pub trait UsageSink: Send + Sync + 'static {
     /// Takes ownership of one finalised record. The metered body holds the end
     /// of a response until the returned ack resolves (briefly), so a client

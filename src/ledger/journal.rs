@@ -441,33 +441,35 @@ impl JournalWriter {
         self.buf_first_seq = snapshot.last_seq + 1;
     }
 
-    /// After an error: writes every record not known to be durable into a
-    /// fresh segment that starts at the first of them, deleting newer segments
-    /// (they hold only such records), and fsyncs the segment and the
-    /// directory. Returns what became durable.
-    fn rewrite(&mut self) -> io::Result<Option<Snapshot>> {
+    /// After an error: what to rewrite, namely every record not known to be
+    /// durable, into a fresh segment that starts at the first of them. The
+    /// open segment is forgotten; while the journal fails, appenders leave the
+    /// files alone, so the sync thread runs the [`Rewrite`] without the lock.
+    fn rewrite_job(&mut self) -> Rewrite {
         self.abandon_segment();
-        let result = (|| {
-            if self.buf_records > 0 {
-                for segment in list_segments(&self.dir)? {
-                    if segment.first_seq > self.buf_first_seq {
-                        fs::remove_file(&segment.path)?;
-                    }
-                }
-                self.write_out()?;
-            }
-            let snapshot = self.snapshot();
-            if let Some(snapshot) = &snapshot {
-                snapshot.file.sync_data()?;
-            }
-            sync_dir(&self.dir)?;
-            Ok(snapshot)
-        })();
-        if result.is_err() {
-            self.abandon_segment();
-            self.dir_dirty = true;
+        Rewrite {
+            dir: self.dir.clone(),
+            first_seq: self.buf_first_seq,
+            bytes: self.buf.clone(),
+            records: self.buf_records,
+            last_seq: self.next_seq - 1,
         }
-        result
+    }
+
+    /// Takes the segment a successful [`Rewrite`] wrote; returns what it made
+    /// durable. Records appended meanwhile follow in `buf`, not yet written.
+    fn rewritten(&mut self, job: &Rewrite, file: Option<File>) -> Option<Snapshot> {
+        self.dir_dirty = false;
+        let file = Arc::new(file?);
+        self.file = Some((file.clone(), job.bytes.len() as u64));
+        self.written = job.bytes.len();
+        Some(Snapshot {
+            file,
+            bytes: job.bytes.len(),
+            records: job.records,
+            last_seq: job.last_seq,
+            dir: false,
+        })
     }
 
     /// The JSON of the records appended since the last successful sync.
@@ -479,6 +481,40 @@ impl JournalWriter {
             rest = &rest[len..];
         }
         out
+    }
+}
+
+/// The records to write again after a journal error, and where.
+#[derive(Debug)]
+struct Rewrite {
+    dir: PathBuf,
+    first_seq: u64,
+    /// The encoded frames, from `first_seq` to `last_seq`.
+    bytes: Vec<u8>,
+    records: usize,
+    last_seq: u64,
+}
+
+impl Rewrite {
+    /// Deletes the segments newer than `first_seq` (they hold only records
+    /// being rewritten), writes the frames into a fresh segment, and fsyncs it
+    /// and the directory. Returns the segment (`None` when there were no
+    /// records, only the directory to sync).
+    fn run(&self) -> io::Result<Option<File>> {
+        if self.records == 0 {
+            sync_dir(&self.dir)?;
+            return Ok(None);
+        }
+        for segment in list_segments(&self.dir)? {
+            if segment.first_seq > self.first_seq {
+                fs::remove_file(&segment.path)?;
+            }
+        }
+        let mut file = create_segment(&self.dir, self.first_seq)?;
+        file.write_all(&self.bytes)?;
+        file.sync_data()?;
+        sync_dir(&self.dir)?;
+        Ok(Some(file))
     }
 }
 
@@ -714,14 +750,22 @@ impl Journal {
         loop {
             let mut state = self.wait_for_work(self.lock());
             if state.failing {
+                let job = state.writer.rewrite_job();
+                drop(state);
                 let started = Instant::now();
-                match state.writer.rewrite() {
-                    Ok(snapshot) => {
+                let result = job.run();
+                state = self.lock();
+                let result = result.and_then(|file| {
+                    if let Some(snapshot) = state.writer.rewritten(&job, file) {
+                        self.complete(&mut state, &snapshot, started);
+                    }
+                    // Records appended during the rewrite go to the new segment.
+                    state.writer.write_out()
+                });
+                match result {
+                    Ok(()) => {
                         state.failing = false;
-                        if let Some(snapshot) = snapshot {
-                            self.complete(&mut state, &snapshot, started);
-                        }
-                        state.group_started = None;
+                        state.group_started = (state.writer.unsynced() > 0).then(Instant::now);
                         for ack in state.unacked.drain(..) {
                             let _ = ack.send(());
                         }
@@ -740,6 +784,8 @@ impl Journal {
                     }
                     Err(e) => {
                         failures += 1;
+                        state.writer.abandon_segment();
+                        state.writer.dir_dirty = true;
                         self.shared.metrics.journal_errors.inc();
                         if failures.is_multiple_of(50) {
                             tracing::error!(error = %e, failures, "the usage journal still cannot be written");
