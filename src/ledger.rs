@@ -145,6 +145,20 @@ impl Shared {
         }
     }
 
+    /// Counts a record that cannot be journalled and logs it in full at error
+    /// level: the log line is then the only place it is kept.
+    pub(crate) fn drop_record(&self, record: &UsageRecord, why: &str) {
+        self.metrics.records.with_label_values(&["dropped"]).inc();
+        match serde_json::to_string(record) {
+            Ok(json) => {
+                tracing::error!(record = %json, "{why}; this record is only in this log line")
+            }
+            Err(_) => {
+                tracing::error!(record = ?record, "{why}; this record is only in this log line")
+            }
+        }
+    }
+
     pub(crate) fn set_store_ok(&self) {
         if !self.store_reachable.swap(true, Ordering::SeqCst) {
             tracing::info!("ledger store reachable");
@@ -210,14 +224,7 @@ impl UsageSink for LedgerSink {
             Ok(ack) => ack,
             Err(record) => {
                 self.shared
-                    .metrics
-                    .records
-                    .with_label_values(&["dropped"])
-                    .inc();
-                tracing::error!(
-                    record = %serde_json::to_string(&record).unwrap_or_default(),
-                    "usage journal has stopped; this record is only in this log line"
-                );
+                    .drop_record(&record, "usage journal has stopped");
                 None
             }
         }

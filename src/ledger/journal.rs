@@ -646,16 +646,10 @@ impl Journal {
                     Err(e) => e.to_string(),
                     Ok(_) => "usage record larger than 16 MiB".to_owned(),
                 };
-                self.shared
-                    .metrics
-                    .records
-                    .with_label_values(&["dropped"])
-                    .inc();
-                tracing::error!(
-                    error,
-                    "cannot encode a usage record for the journal; it is only in this log line"
+                self.shared.drop_record(
+                    &record,
+                    &format!("cannot encode a usage record for the journal: {error}"),
                 );
-                crate::record::log_record(&record);
                 return Ok(None);
             }
         };
