@@ -29,7 +29,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use crate::meter::Usage;
 use crate::record::UsageRecord;
 
-use super::report::{ReportQuery, ReportRow};
+use super::report::{ReportQuery, ReportRow, Totals};
 
 /// How long to wait for a pooled connection (and so for a store that is down)
 /// before an operation fails and is retried.
@@ -281,6 +281,86 @@ pub(crate) fn to_i64(n: u64) -> i64 {
 /// A stored counter back as a counter (negative values cannot be written).
 pub(crate) fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
+}
+
+/// ` GROUP BY 1, 2, …` over the first `n` columns (nothing when `n` is 0).
+fn group_by_positions(n: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let positions: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    format!(" GROUP BY {}", positions.join(", "))
+}
+
+/// Decodes the rows of a usage report, either backend: `n` group columns, then
+/// the totals in the order both backends select them.
+fn report_rows<R>(rows: Vec<R>, n: usize) -> Result<Vec<ReportRow>, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut group_values = Vec::with_capacity(n);
+        for i in 0..n {
+            group_values.push(row.try_get::<Option<String>, _>(i)?);
+        }
+        let totals = Totals {
+            requests: row.try_get(n)?,
+            input_tokens: row.try_get(n + 1)?,
+            output_tokens: row.try_get(n + 2)?,
+            cache_creation_input_tokens: row.try_get(n + 3)?,
+            cache_read_input_tokens: row.try_get(n + 4)?,
+            web_search_requests: row.try_get(n + 5)?,
+            cost_nanousd: row.try_get(n + 6)?,
+            unpriced_requests: row.try_get(n + 7)?,
+        };
+        // An empty range still yields one (all-zero) row without GROUP BY.
+        if totals.requests > 0 {
+            out.push(ReportRow {
+                groups: group_values,
+                totals,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes one row selected for `reprice`, either backend.
+fn priced_row<R>(row: &R) -> Result<PricedRow, sqlx::Error>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(PricedRow {
+        request_id: row.try_get("request_id")?,
+        model: row.try_get("model")?,
+        usage: Usage {
+            input_tokens: to_u64(row.try_get("input_tokens")?),
+            output_tokens: to_u64(row.try_get("output_tokens")?),
+            cache_creation_input_tokens: to_u64(row.try_get("cache_creation_input_tokens")?),
+            cache_creation_5m_tokens: row
+                .try_get::<Option<i64>, _>("cache_creation_5m_tokens")?
+                .map(to_u64),
+            cache_creation_1h_tokens: row
+                .try_get::<Option<i64>, _>("cache_creation_1h_tokens")?
+                .map(to_u64),
+            cache_read_input_tokens: to_u64(row.try_get("cache_read_input_tokens")?),
+            web_search_requests: to_u64(row.try_get("web_search_requests")?),
+            service_tier: row.try_get("service_tier")?,
+            inference_geo: row.try_get("inference_geo")?,
+        },
+        long_context_beta: row.try_get("long_context_beta")?,
+        cost_nanousd: row.try_get("cost_nanousd")?,
+        price_version: row.try_get("price_version")?,
+    })
 }
 
 /// The SQLite text form of a timestamp: fixed width, UTC, microseconds, so

@@ -1,14 +1,13 @@
 //! Postgres queries of the ledger.
 
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
-use sqlx::{PgConnection, Row};
 
-use crate::meter::Usage;
 use crate::record::UsageRecord;
 
-use super::super::report::{GroupBy, ReportQuery, ReportRow, Totals};
-use super::{CostUpdate, PricedRow, to_i64, to_u64};
+use super::super::report::{GroupBy, ReportQuery, ReportRow};
+use super::{CostUpdate, PricedRow, to_i64};
 
 /// One statement inserts the whole batch: each column is bound as one array
 /// and `UNNEST` turns the arrays back into rows, so the statement has 34
@@ -204,42 +203,13 @@ pub(super) async fn usage_report(
          FROM usage_events
          WHERE ($1::timestamptz IS NULL OR started_at >= $1) AND ($2::timestamptz IS NULL OR started_at < $2)",
     );
-    if !groups.is_empty() {
-        let positions: Vec<String> = (1..=groups.len()).map(|i| i.to_string()).collect();
-        sql.push_str(" GROUP BY ");
-        sql.push_str(&positions.join(", "));
-    }
+    sql.push_str(&super::group_by_positions(groups.len()));
     let rows = sqlx::query(&sql)
         .bind(query.since)
         .bind(query.until)
         .fetch_all(pool)
         .await?;
-    let n = groups.len();
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut group_values = Vec::with_capacity(n);
-        for i in 0..n {
-            group_values.push(row.try_get::<Option<String>, _>(i)?);
-        }
-        let totals = Totals {
-            requests: row.try_get(n)?,
-            input_tokens: row.try_get(n + 1)?,
-            output_tokens: row.try_get(n + 2)?,
-            cache_creation_input_tokens: row.try_get(n + 3)?,
-            cache_read_input_tokens: row.try_get(n + 4)?,
-            web_search_requests: row.try_get(n + 5)?,
-            cost_nanousd: row.try_get(n + 6)?,
-            unpriced_requests: row.try_get(n + 7)?,
-        };
-        // An empty range still yields one (all-zero) row without GROUP BY.
-        if totals.requests > 0 {
-            out.push(ReportRow {
-                groups: group_values,
-                totals,
-            });
-        }
-    }
-    Ok(out)
+    super::report_rows(rows, groups.len())
 }
 
 pub(super) async fn priced_rows(
@@ -267,34 +237,7 @@ pub(super) async fn priced_rows(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(PricedRow {
-                request_id: row.try_get("request_id")?,
-                model: row.try_get("model")?,
-                usage: Usage {
-                    input_tokens: to_u64(row.try_get("input_tokens")?),
-                    output_tokens: to_u64(row.try_get("output_tokens")?),
-                    cache_creation_input_tokens: to_u64(
-                        row.try_get("cache_creation_input_tokens")?,
-                    ),
-                    cache_creation_5m_tokens: row
-                        .try_get::<Option<i64>, _>("cache_creation_5m_tokens")?
-                        .map(to_u64),
-                    cache_creation_1h_tokens: row
-                        .try_get::<Option<i64>, _>("cache_creation_1h_tokens")?
-                        .map(to_u64),
-                    cache_read_input_tokens: to_u64(row.try_get("cache_read_input_tokens")?),
-                    web_search_requests: to_u64(row.try_get("web_search_requests")?),
-                    service_tier: row.try_get("service_tier")?,
-                    inference_geo: row.try_get("inference_geo")?,
-                },
-                long_context_beta: row.try_get("long_context_beta")?,
-                cost_nanousd: row.try_get("cost_nanousd")?,
-                price_version: row.try_get("price_version")?,
-            })
-        })
-        .collect()
+    rows.iter().map(super::priced_row).collect()
 }
 
 pub(super) async fn update_costs(pool: &PgPool, updates: &[CostUpdate]) -> Result<(), sqlx::Error> {
