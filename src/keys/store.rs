@@ -244,14 +244,9 @@ impl KeyStore {
                     else {
                         return Ok(Ok(None));
                     };
-                    let current = match read_pg(&row) {
+                    let updated = match patched(read_pg(&row), patch)? {
                         Ok(r) => r,
-                        Err(ReadError::Sql(e)) => return Err(e),
-                        Err(ReadError::Key(e)) => return Ok(Err(UpdateError::Key(e))),
-                    };
-                    let updated = match patch.apply(current) {
-                        Ok(r) => r,
-                        Err(problems) => return Ok(Err(UpdateError::Invalid(problems))),
+                        Err(e) => return Ok(Err(e)),
                     };
                     let l = LimitColumns::of(&updated.limits);
                     let (budget, period) = budget_columns(updated.budget);
@@ -287,14 +282,9 @@ impl KeyStore {
                     else {
                         return Ok(Ok(None));
                     };
-                    let current = match read_sqlite(&row) {
+                    let updated = match patched(read_sqlite(&row), patch)? {
                         Ok(r) => r,
-                        Err(ReadError::Sql(e)) => return Err(e),
-                        Err(ReadError::Key(e)) => return Ok(Err(UpdateError::Key(e))),
-                    };
-                    let updated = match patch.apply(current) {
-                        Ok(r) => r,
-                        Err(problems) => return Ok(Err(UpdateError::Invalid(problems))),
+                        Err(e) => return Ok(Err(e)),
                     };
                     let l = LimitColumns::of(&updated.limits);
                     let (budget, period) = budget_columns(updated.budget);
@@ -425,6 +415,19 @@ pub enum UpdateError {
 }
 
 /// A query failure inside a read: the driver's, or a row tollgate cannot read.
+/// The stored key as `patch` would leave it: the outer error is the store's
+/// (retryable), the inner one the key's (unreadable, or the patch is invalid).
+fn patched(
+    current: Result<KeyRecord, ReadError>,
+    patch: &KeyPatch,
+) -> Result<Result<KeyRecord, UpdateError>, sqlx::Error> {
+    Ok(match current {
+        Ok(current) => patch.apply(current).map_err(UpdateError::Invalid),
+        Err(ReadError::Sql(e)) => return Err(e),
+        Err(ReadError::Key(e)) => Err(UpdateError::Key(e)),
+    })
+}
+
 enum ReadError {
     Sql(sqlx::Error),
     Key(KeyError),
